@@ -1,0 +1,45 @@
+# magic3d — `make help` lists targets and recipes.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+SETUP_STAMP := $(VENV)/.magic3d-installed
+
+recipe ?= coarse_only
+seed ?= 0
+profile ?= auto
+overrides ?=
+# prompt and run are passed only when given, so the recipe's default prompt applies otherwise.
+PROMPT_ARG := $(if $(filter command line environment,$(origin prompt)),--prompt "$(prompt)")
+RUN_ARG := $(if $(run),--run "$(run)")
+
+.DEFAULT_GOAL := run
+.PHONY: run help setup test test-gpu bench notebook clean-cache
+
+run: $(SETUP_STAMP) ## Run a recipe: make recipe=NAME prompt="..." [seed=N] [run=FOLDER] [profile=cpu|full] [overrides="key=value ..."]
+	$(PY) -m magic3d run $(recipe) $(PROMPT_ARG) --seed $(seed) --profile $(profile) $(RUN_ARG) $(overrides)
+
+$(SETUP_STAMP): pyproject.toml scripts/setup.sh
+	@bash scripts/setup.sh
+
+setup: $(SETUP_STAMP) ## Create .venv and install magic3d (runs automatically on first use)
+
+test: $(SETUP_STAMP) ## Run the CPU test suite (no GPU, no network)
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q
+
+test-gpu: $(SETUP_STAMP) ## Run the tests marked gpu (needs CUDA)
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -m gpu
+
+bench: $(SETUP_STAMP) ## GPU benchmarks; prints a table and appends it to BENCHMARKS.md
+	HF_HUB_OFFLINE=1 $(PY) -m magic3d.bench --append BENCHMARKS.md
+
+notebook: $(SETUP_STAMP) ## Open the notebooks (needs jupyter: pip install jupyterlab)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean-cache: ## Delete cached text embeddings (~/.cache/magic3d)
+	rm -rf $${MAGIC3D_CACHE:-$$HOME/.cache/magic3d}
+
+help: ## List targets and recipes
+	@echo "Targets:"
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
+	@echo "Recipes (make recipe=NAME):"
+	@for f in recipes/*.yaml; do n=$$(basename $$f .yaml); d=$$(grep -m1 '^description:' $$f | sed 's/^description: *//'); printf "  %-20s %s\n" "$$n" "$$d"; done

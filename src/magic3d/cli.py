@@ -1,0 +1,79 @@
+"""Command line: ``python -m magic3d run RECIPE --prompt "..." [key.path=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="magic3d", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or continue) a recipe")
+    run.add_argument("recipe")
+    run.add_argument("--prompt", default=None, help="text prompt (default: the recipe's)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--run", type=Path, default=None, help="existing run folder to continue")
+    run.add_argument("--runs-root", type=Path, default=Path("runs"))
+    run.add_argument("--profile", default="auto", help="auto | cpu | full")
+    run.add_argument("overrides", nargs="*", help="key.path=value, or stage:key.path=value")
+
+    stage = sub.add_parser("stage", help="run one stage from a resolved config (used by run)")
+    stage.add_argument("--config", type=Path, required=True)
+    stage.add_argument("--stage-dir", type=Path, required=True)
+
+    sub.add_parser("recipes", help="list recipes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = _parser()
+    # Overrides may come after options (argparse cannot interleave them with nargs="*").
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if args.command != "run" or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
+    from magic3d.config import ConfigError
+
+    try:
+        if args.command == "recipes":
+            from magic3d.recipe import available_recipes, load_recipe
+
+            for name in available_recipes():
+                recipe = load_recipe(name)
+                print(f"{name:24s} {recipe.description}")
+            return 0
+        if args.command == "run":
+            from magic3d.recipe import StageFailed, run_recipe
+
+            try:
+                run_recipe(args.recipe, prompt=args.prompt, seed=args.seed, overrides=args.overrides,
+                           run_dir=args.run, runs_root=args.runs_root, profile=args.profile)
+            except StageFailed as err:
+                print(f"[magic3d] error: {err}", file=sys.stderr)
+                return err.code or 1
+            return 0
+        if args.command == "stage":
+            from magic3d.stage import run_stage
+
+            run_stage(args.config, args.stage_dir)
+            return 0
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"[magic3d] error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        from magic3d.system import NonFiniteLossError
+
+        if not isinstance(err, NonFiniteLossError):
+            raise
+        print(f"[magic3d] error: {err}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("[magic3d] interrupted; the last checkpoint is kept, rerun to continue", file=sys.stderr)
+        return 130
+    return 1

@@ -1,0 +1,231 @@
+"""Diffusion pipelines made in code, with random weights and no download.
+
+- ``"tiny"``: a 2-level IF-style UNet (out_channels 6) small enough for CPU tests.
+- ``"if-i-xl"``: the DeepFloyd IF-I-XL-v1.0 UNet architecture (4.3 B parameters, random
+  weights) for benchmarks: same FLOPs and memory traffic as the real prior.
+
+The text encoder is always a tiny T5 (one layer): SDS speed does not depend on it because
+embeddings are computed once and cached; for "if-i-xl" its width is 4096 so the UNet's
+``encoder_hid_dim`` matches T5-XXL. The tokenizer is a byte-level BPE with no merges (every
+prompt maps to distinct tokens) built with ``tokenizers`` and saved so that
+``AutoTokenizer.from_pretrained`` loads it back offline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from magic3d.guidance.pixel_sds import TEXT_MAX_LENGTH
+
+PixelSize = Literal["tiny", "if-i-xl"]
+
+# DeepFloyd/IF-I-XL-v1.0 unet/config.json (architecture keys; the rest are diffusers defaults).
+IF_I_XL_UNET: dict[str, Any] = dict(
+    sample_size=64,
+    in_channels=3,
+    out_channels=6,  # epsilon and learned variance
+    block_out_channels=(704, 1408, 2112, 2816),
+    layers_per_block=3,
+    down_block_types=(
+        "ResnetDownsampleBlock2D",
+        "SimpleCrossAttnDownBlock2D",
+        "SimpleCrossAttnDownBlock2D",
+        "SimpleCrossAttnDownBlock2D",
+    ),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+    up_block_types=(
+        "SimpleCrossAttnUpBlock2D",
+        "SimpleCrossAttnUpBlock2D",
+        "SimpleCrossAttnUpBlock2D",
+        "ResnetUpsampleBlock2D",
+    ),
+    act_fn="gelu",
+    attention_head_dim=64,
+    cross_attention_dim=2816,
+    cross_attention_norm="group_norm",
+    encoder_hid_dim=4096,
+    encoder_hid_dim_type="text_proj",
+    addition_embed_type="text",
+    addition_embed_type_num_heads=64,
+    resnet_time_scale_shift="scale_shift",
+    norm_num_groups=32,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+)
+
+# Same block types as IF, two levels of 32/64 channels (~0.85 M parameters), at 32x32 so a
+# CPU forward takes tens of milliseconds (64x64 is ~15x slower on 2 cores).
+TINY_UNET: dict[str, Any] = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=6,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    act_fn="gelu",
+    attention_head_dim=8,
+    cross_attention_dim=32,
+    cross_attention_norm="group_norm",
+    encoder_hid_dim=32,
+    encoder_hid_dim_type="text_proj",
+    addition_embed_type="text",
+    addition_embed_type_num_heads=2,
+    resnet_time_scale_shift="scale_shift",
+    norm_num_groups=8,
+)
+
+# DeepFloyd/IF-I-XL-v1.0 scheduler/scheduler_config.json.
+IF_SCHEDULER: dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_schedule="squaredcos_cap_v2",
+    beta_start=0.0001,
+    beta_end=0.02,
+    clip_sample=True,
+    clip_sample_range=1.0,
+    thresholding=True,
+    dynamic_thresholding_ratio=0.95,
+    sample_max_value=1.5,
+    prediction_type="epsilon",
+    variance_type="learned_range",
+)
+
+
+def _check_size(size: str) -> None:
+    if size not in ("tiny", "if-i-xl"):
+        raise ValueError(f"size={size!r} is unknown: use 'tiny' or 'if-i-xl'.")
+
+
+def unet_config(size: PixelSize) -> dict[str, Any]:
+    _check_size(size)
+    return dict(TINY_UNET if size == "tiny" else IF_I_XL_UNET)
+
+
+def build_pixel_unet(
+    size: PixelSize,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
+    """A random-weight IF-style ``UNet2DConditionModel``, allocated directly on ``device``.
+
+    Parameters are created in ``dtype`` on ``device`` (no fp32 CPU copy of the 4.3 B-parameter
+    model). Random weights give the real compute cost, not meaningful predictions.
+    """
+    from diffusers import UNet2DConditionModel
+
+    config = unet_config(size)
+    previous_dtype = torch.get_default_dtype()
+    torch.manual_seed(seed)
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            unet = UNet2DConditionModel(**config)
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    return unet.eval()
+
+
+def build_text_encoder(size: PixelSize, seed: int = 0):
+    """A one-layer random T5 encoder; ``d_model`` matches the UNet's ``encoder_hid_dim``."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(_byte_vocab()),
+        d_model=unet_config(size)["encoder_hid_dim"],
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_heads=2,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()
+
+
+def _byte_vocab() -> dict[str, int]:
+    from tokenizers import pre_tokenizers
+
+    specials = ["<pad>", "</s>", "<unk>"]  # T5's ids: pad 0, eos 1, unk 2
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    return {tok: i for i, tok in enumerate(specials + alphabet)}
+
+
+def build_tokenizer(max_length: int = TEXT_MAX_LENGTH):
+    """Byte-level tokenizer (T5 special-token ids, eos appended), built without downloads."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = _byte_vocab()
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+        padding_side="right",
+    )
+
+
+def build_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**IF_SCHEDULER)
+
+
+def build_pixel_pipeline(
+    path: str | Path,
+    size: PixelSize = "tiny",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write an IF stage-I style pipeline folder (unet/, text_encoder/, tokenizer/,
+    scheduler/, model_index.json) with random weights; returns the folder.
+
+    "if-i-xl" writes ~8.6 GB in bfloat16 (17 GB in float32): benchmarks should prefer
+    ``build_pixel_unet`` + ``PixelSDS.from_modules``.
+    """
+    _check_size(size)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    unet = build_pixel_unet(size, "cpu", dtype, seed)
+    unet.save_pretrained(path / "unet", safe_serialization=True)
+    del unet
+    build_text_encoder(size, seed).save_pretrained(path / "text_encoder", safe_serialization=True)
+    build_tokenizer().save_pretrained(path / "tokenizer")
+    build_scheduler().save_pretrained(path / "scheduler")
+    _write_model_index(path)
+    return path
+
+
+def _write_model_index(path: Path) -> None:
+    import diffusers
+
+    index = {
+        "_class_name": "IFPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "watermarker": [None, None],
+    }
+    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

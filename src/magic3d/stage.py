@@ -1,0 +1,196 @@
+"""One stage in one process: parse the resolved config, build the parts, fit, make the video.
+
+The stage config has five top-level keys:
+  seed: int
+  model: TextTo3D init args (scene and guidance as class_path/init_args)
+  data: RandomCameraDataModule init args
+  trainer: lightning.Trainer keyword arguments
+  run: checkpoint/video cadence (RunOptions)
+and, when the recipe starts this stage from an earlier one, ``start`` (filled in by the
+recipe runner: checkpoint path, mode, converter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from magic3d.config import ConfigError, load_yaml
+
+TRAINER_KEYS_WE_OWN = ("logger", "callbacks", "default_root_dir", "enable_checkpointing")
+
+
+@dataclass
+class RunOptions:
+    """Cadence of what a stage writes to its folder.
+
+    Args:
+        checkpoint_every: keep a periodic checkpoint every N steps (last.ckpt is refreshed too).
+        video_fps: frames per second of the turntable video.
+        video_views: frames of the turntable (one full orbit).
+        wandb: "auto" (online when logged in, else offline), "offline", "online" or "off".
+    """
+
+    checkpoint_every: int = 100
+    video_fps: int = 30
+    video_views: int = 60
+    wandb: str = "auto"
+
+
+def build_parser():
+    from jsonargparse import ArgumentParser
+
+    import lightning as L
+
+    from magic3d.data.datamodule import RandomCameraDataModule
+    from magic3d.system import TextTo3D
+
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_class_arguments(TextTo3D, "model", fail_untyped=True)
+    parser.add_class_arguments(RandomCameraDataModule, "data")
+    parser.add_class_arguments(L.Trainer, "trainer", skip=set(TRAINER_KEYS_WE_OWN))
+    parser.add_dataclass_arguments(RunOptions, "run")
+    parser.add_argument("--start", type=dict | None, default=None)
+    return parser
+
+
+def _short_error(err: Exception) -> str:
+    """jsonargparse errors list every union branch; keep the lines that name the problem."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    keep = [line for line in lines if "not expected" in line or "does not" in line
+            or "Problem with" in line or "Expected" in line or "No module" in line
+            or "not accepted" in line or "Import path" in line]
+    return "; ".join(keep[:4] or lines[:3])
+
+
+def validate_stage_config(config: dict, where: str = "stage"):
+    parser = build_parser()
+    try:
+        return parser, parser.parse_object(config)
+    except Exception as err:  # jsonargparse raises ArgumentError subclasses
+        raise ConfigError(f"Invalid config for {where}: {_short_error(err)}") from None
+
+
+def _wandb_mode(option: str) -> str | None:
+    if option == "off" or os.environ.get("WANDB_MODE") == "disabled":
+        return None
+    if option in ("online", "offline"):
+        return option
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+def _loggers(stage_dir: Path, run: RunOptions, name: str) -> list:
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = [CSVLogger(save_dir=str(stage_dir), name="logs")]
+    mode = _wandb_mode(run.wandb)
+    if mode is not None:
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+
+            loggers.append(WandbLogger(save_dir=str(stage_dir), project="magic3d", name=name,
+                                       offline=(mode == "offline"), log_model=False))
+        except (ImportError, ModuleNotFoundError):
+            warnings.warn("wandb is not installed: logging to CSV only", stacklevel=1)
+    return loggers
+
+
+def check_checkpoint(path: Path) -> dict:
+    """Load a checkpoint safely, or raise a ConfigError that names the file and the problem."""
+    if not path.is_file():
+        raise ConfigError(f"Checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means unusable
+        raise ConfigError(
+            f"Checkpoint {path} is corrupt or was not written by magic3d ({type(err).__name__}). "
+            "Move it away to restart the stage from the previous periodic checkpoint."
+        ) from None
+    if "state_dict" not in checkpoint or "magic3d" not in checkpoint:
+        raise ConfigError(f"Checkpoint {path} was not written by a magic3d stage (no state_dict/magic3d keys)")
+    return checkpoint
+
+
+def _latest_valid_checkpoint(ckpt_dir: Path) -> Path | None:
+    """last.ckpt if readable, else the newest readable periodic checkpoint."""
+    candidates = [ckpt_dir / "last.ckpt"] + sorted(ckpt_dir.glob("step*.ckpt"), reverse=True)
+    for path in candidates:
+        if path.is_file():
+            try:
+                check_checkpoint(path)
+                return path
+            except ConfigError as err:
+                print(f"[magic3d] skipping unusable checkpoint: {err}", flush=True)
+    return None
+
+
+def run_stage(config_path: Path, stage_dir: Path) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+    from magic3d.scenes.checkpoint import start_from_checkpoint
+    from magic3d.video import render_turntable
+
+    config = load_yaml(config_path)
+    parser, cfg = validate_stage_config(config, where=str(config_path))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    init = parser.instantiate_classes(cfg)
+    model, datamodule = init.model, init.data
+    run = RunOptions(**vars(cfg.run)) if not isinstance(cfg.run, RunOptions) else cfg.run
+    model.stage_config = config
+    model.output_dir = stage_dir
+
+    ckpt_dir = stage_dir / "checkpoints"
+    resume_from = _latest_valid_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
+    start = config.get("start")
+    if resume_from is None and start:
+        source = Path(start["checkpoint"])
+        check_checkpoint(source)
+        if start["mode"] == "resume":
+            resume_from = source
+        else:
+            start_from_checkpoint(model.scene, source, start["mode"], start.get("converter"))
+
+    periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+                               every_n_train_steps=run.checkpoint_every, save_top_k=-1, save_last=True)
+    trainer_kwargs = {k: v for k, v in vars(cfg.trainer).items()}
+    trainer = L.Trainer(
+        **trainer_kwargs,
+        default_root_dir=str(stage_dir),
+        logger=_loggers(stage_dir, run, name=f"{stage_dir.parent.name}/{stage_dir.name}"),
+        callbacks=[periodic, TQDMProgressBar(refresh_rate=10)],
+        enable_checkpointing=True,
+    )
+    if resume_from is not None:
+        print(f"[magic3d] resuming from {resume_from}", flush=True)
+    started = time.time()
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    if trainer.interrupted or trainer.global_step < (trainer.max_steps or 0):
+        raise SystemExit(f"[magic3d] stage stopped at step {trainer.global_step}; rerun to continue")
+    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+
+    if trainer.is_global_zero:
+        video = stage_dir / "turntable.mp4"
+        render_turntable(model, datamodule, video, fps=run.video_fps, n_views=run.video_views)
+        summary = {
+            "steps": trainer.global_step,
+            "seconds_this_attempt": round(time.time() - started, 1),
+            "skipped_steps": int(model.skipped_steps),
+            "checkpoint": str(ckpt_dir / "last.ckpt"),
+            "video": str(video),
+            "prompt": model.prompt,
+        }
+        (stage_dir / "DONE.json").write_text(json.dumps(summary, indent=2))
+        print(f"[magic3d] stage finished: {stage_dir}", flush=True)

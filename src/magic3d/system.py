@@ -1,0 +1,249 @@
+"""TextTo3D: the one training loop for every 3D stage (coarse NeRF, fine mesh, fine NeRF).
+
+A stage = a scene (what is optimised) + a guidance (where gradients come from) + regularisers.
+Both parts are injected from the stage config (``class_path`` / ``init_args``), so an ablation
+is a YAML edit. The frozen diffusion model inside the guidance is loaded in ``setup()`` and is
+never part of the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import grad_norm, rank_zero_only
+from torch import Tensor, nn
+
+from magic3d.types import CameraBatch, RenderOutput, Shading
+from magic3d.visuals import preview_grid, save_png
+
+SHADING_MODES = ("albedo", "lambertian", "textureless")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive non-finite steps; the last good checkpoint is kept."""
+
+
+@dataclass
+class LossTerms:
+    total: Tensor
+    sds: Tensor
+    orientation: Tensor | None
+    sparsity: Tensor | None
+    opaque: Tensor | None
+
+
+class TextTo3D(L.LightningModule):
+    """Score-distillation optimisation of a 3D scene for one text prompt.
+
+    Args:
+        scene: the representation being optimised (``magic3d.scenes.*``).
+        guidance: the score-distillation prior (``magic3d.guidance.*``).
+        prompt: the text prompt; recipes fill it in from the command line.
+        lr: learning rate of every parameter group not named in ``lr_overrides``.
+        lr_overrides: per-part learning rates, keyed by the scene's ``param_groups()`` names
+            (e.g. ``{"background": 0.1}``: Magic3D uses 10x for the environment map, §4.1).
+        betas, eps: Adam settings (eps 1e-15 is the Instant-NGP choice for hash tables).
+        albedo_only_steps: render unshaded colour for the first N steps (stabilises geometry).
+        textureless_probability: after that, share of batches shaded without texture; the rest
+            are Lambertian with ambient ~ U(ambient_range) and diffuse = 1 - ambient.
+        lambda_orientation: (start, end) weight of the orientation loss, ramped linearly over
+            ``orientation_ramp_steps``.
+        lambda_sparsity: weight of the mean-opacity penalty (discourages floaters).
+        lambda_opaque: weight of the binary-opacity penalty (pushes opacity to 0 or 1).
+        max_consecutive_nonfinite: stop with an error after this many skipped steps in a row.
+        preview_every: save a training-render preview every N steps (0 disables).
+    """
+
+    def __init__(
+        self,
+        scene: nn.Module,
+        guidance: nn.Module,
+        prompt: str = "",
+        lr: float = 0.01,
+        lr_overrides: dict[str, float] | None = None,
+        betas: tuple[float, float] = (0.9, 0.99),
+        eps: float = 1e-15,
+        albedo_only_steps: int = 0,
+        textureless_probability: float = 0.5,
+        ambient_range: tuple[float, float] = (0.0, 1.0),
+        lambda_orientation: tuple[float, float] = (0.0, 0.0),
+        orientation_ramp_steps: int = 1,
+        lambda_sparsity: float = 0.0,
+        lambda_opaque: float = 0.0,
+        max_consecutive_nonfinite: int = 20,
+        preview_every: int = 100,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= textureless_probability <= 1.0:
+            raise ValueError(f"textureless_probability must be in [0, 1], got {textureless_probability}")
+        self.scene = scene
+        self.guidance = guidance
+        self.prompt = prompt
+        self.lr = lr
+        self.lr_overrides = dict(lr_overrides or {})
+        self.betas = tuple(betas)
+        self.eps = eps
+        self.albedo_only_steps = albedo_only_steps
+        self.textureless_probability = textureless_probability
+        self.ambient_range = tuple(ambient_range)
+        self.lambda_orientation = tuple(lambda_orientation)
+        self.orientation_ramp_steps = max(1, orientation_ramp_steps)
+        self.lambda_sparsity = lambda_sparsity
+        self.lambda_opaque = lambda_opaque
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.preview_every = preview_every
+        # Set by the stage runner: the resolved stage config, stored in every checkpoint so a
+        # later stage can rebuild this scene without reading this run's files.
+        self.stage_config: dict | None = None
+        self.output_dir: Path | None = None
+        self.consecutive_nonfinite = 0
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self._shading_generator = torch.Generator()
+        self._val_images: list[Tensor] = []
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def setup(self, stage: str) -> None:
+        if not self.prompt or not self.prompt.strip():
+            raise ValueError("The prompt is empty: pass prompt=\"a description of the object\".")
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        self.guidance.setup(self.prompt, device)
+        self._shading_generator.manual_seed(torch.initial_seed() % (2**63) + self.global_rank)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = self.scene.param_groups()
+        unknown = set(self.lr_overrides) - set(groups)
+        if unknown:
+            raise ValueError(
+                f"lr_overrides names unknown parameter groups {sorted(unknown)}; "
+                f"this scene has {sorted(groups)}."
+            )
+        param_groups = [
+            {"params": params, "lr": self.lr_overrides.get(name, self.lr), "name": name}
+            for name, params in groups.items()
+            if len(params) > 0
+        ]
+        return torch.optim.Adam(param_groups, betas=self.betas, eps=self.eps)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["magic3d"] = {"stage_config": self.stage_config, "prompt": self.prompt}
+
+    # ------------------------------------------------------------------------------ training
+    def progress(self) -> float:
+        max_steps = self.trainer.max_steps if self._trainer is not None else -1
+        if max_steps is None or max_steps <= 0:
+            return 0.0
+        return min(1.0, self.global_step / max_steps)
+
+    def sample_shading(self, batch_size: int, device: torch.device) -> Shading:
+        if self.global_step < self.albedo_only_steps:
+            return Shading(mode="albedo", ambient=torch.ones(batch_size, device=device))
+        draw = torch.rand(1 + batch_size, generator=self._shading_generator)
+        mode = "textureless" if draw[0] < self.textureless_probability else "lambertian"
+        low, high = self.ambient_range
+        ambient = low + (high - low) * draw[1:]
+        return Shading(mode=mode, ambient=ambient.to(device))
+
+    def orientation_weight(self) -> float:
+        start, end = self.lambda_orientation
+        ramp = min(1.0, self.global_step / self.orientation_ramp_steps)
+        return start + (end - start) * ramp
+
+    def loss_terms(self, render: RenderOutput, sds_loss: Tensor) -> LossTerms:
+        total = sds_loss
+        orientation = sparsity = opaque = None
+        w_orient = self.orientation_weight()
+        if w_orient > 0 and render.orientation is not None:
+            orientation = render.orientation
+            total = total + w_orient * orientation
+        if self.lambda_sparsity > 0:
+            sparsity = render.sparsity if render.sparsity is not None else render.opacity.mean()
+            total = total + self.lambda_sparsity * sparsity
+        if self.lambda_opaque > 0:
+            alpha = render.opacity.clamp(1e-5, 1 - 1e-5)
+            opaque = -(alpha * alpha.log() + (1 - alpha) * (1 - alpha).log()).mean()
+            total = total + self.lambda_opaque * opaque
+        return LossTerms(total=total, sds=sds_loss, orientation=orientation, sparsity=sparsity, opaque=opaque)
+
+    def on_train_batch_start(self, batch: CameraBatch, batch_idx: int) -> None:
+        self.scene.update_step(self.global_step)
+
+    def training_step(self, batch: CameraBatch, batch_idx: int) -> Tensor | None:
+        shading = self.sample_shading(batch.batch_size, batch.device)
+        render = self.scene.render(batch, shading)
+        guided = self.guidance.step(render.rgb, batch, self.progress())
+        terms = self.loss_terms(render, guided.loss)
+
+        if guided.skipped or not torch.isfinite(terms.total):
+            return self._skip_step()
+        self.consecutive_nonfinite = 0
+
+        log = {
+            "train/loss": terms.total,
+            "train/loss_sds": terms.sds,
+            "train/sds_grad_norm": guided.grad_norm,
+            "train/t_mean": guided.timesteps.float().mean(),
+            "train/opacity_mean": render.opacity.mean(),
+        }
+        for name in ("orientation", "sparsity", "opaque"):
+            value = getattr(terms, name)
+            if value is not None:
+                log[f"train/loss_{name}"] = value
+        if render.samples_per_ray is not None:
+            log["train/samples_per_ray"] = float(render.samples_per_ray)
+        self.log_dict(log, prog_bar=False, on_step=True, batch_size=batch.batch_size)
+        self.log("loss", terms.total, prog_bar=True, logger=False, batch_size=batch.batch_size)
+
+        if self.preview_every > 0 and self.global_step % self.preview_every == 0:
+            self._save_preview(render, f"train/step_{self.global_step:06d}.png")
+        return terms.total
+
+    def _skip_step(self) -> None:
+        self.consecutive_nonfinite += 1
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, batch_size=1)
+        if self.consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.consecutive_nonfinite} consecutive steps had a non-finite loss (step "
+                f"{self.global_step}); stopping. The last good checkpoint is kept; try a lower "
+                "learning rate or guidance scale, then resume."
+            )
+        return None  # Lightning skips the optimiser step when training_step returns None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = grad_norm(self.scene, norm_type=2)
+        total = norms.get("grad_2.0_norm_total")
+        if total is not None:
+            self.log("train/param_grad_norm", total, on_step=True, batch_size=1)
+        for group in optimizer.param_groups:
+            self.log(f"train/lr_{group['name']}", group["lr"], on_step=True, batch_size=1)
+
+    # ---------------------------------------------------------------------------- validation
+    def validation_step(self, batch: CameraBatch, batch_idx: int) -> None:
+        shading = Shading(mode="lambertian", ambient=torch.full((batch.batch_size,), 0.3, device=batch.device))
+        render = self.scene.render(batch, shading)
+        self._val_images.append(preview_grid(render).cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_images:
+            return
+        sheet = torch.cat(self._val_images, dim=0)  # views stacked vertically
+        self._val_images.clear()
+        self._write_image(sheet, f"val/step_{self.global_step:06d}.png", key="val/views")
+
+    @rank_zero_only
+    def _save_preview(self, render: RenderOutput, name: str) -> None:
+        self._write_image(preview_grid(render).cpu(), name, key="train/preview")
+
+    @rank_zero_only
+    def _write_image(self, image: Tensor, name: str, key: str) -> None:
+        if self.output_dir is not None:
+            save_png(image, self.output_dir / name)
+        logger = self.logger
+        if logger is not None and hasattr(logger, "log_image"):
+            try:
+                logger.log_image(key=key, images=[image.numpy()], step=self.global_step)
+            except Exception:  # noqa: BLE001 - an image upload must never stop training
+                pass
