@@ -94,7 +94,7 @@ def _wandb_mode(option: str) -> str | None:
 def _loggers(stage_dir: Path, run: RunOptions, name: str) -> list:
     from lightning.pytorch.loggers import CSVLogger
 
-    loggers = [CSVLogger(save_dir=str(stage_dir), name="logs")]
+    loggers = [CSVLogger(save_dir=str(stage_dir), name="logs", flush_logs_every_n_steps=50)]
     mode = _wandb_mode(run.wandb)
     if mode is not None:
         try:
@@ -124,16 +124,48 @@ def check_checkpoint(path: Path) -> dict:
 
 
 def _latest_valid_checkpoint(ckpt_dir: Path) -> Path | None:
-    """last.ckpt if readable, else the newest readable periodic checkpoint."""
-    candidates = [ckpt_dir / "last.ckpt"] + sorted(ckpt_dir.glob("step*.ckpt"), reverse=True)
+    """last.ckpt if readable, else the newest readable periodic checkpoint.
+
+    An unreadable last.ckpt is renamed (never deleted) so the next save cannot overwrite it;
+    with no readable checkpoint at all the stage stops instead of silently starting over.
+    """
+    last = ckpt_dir / "last.ckpt"
+    candidates = [last] + sorted(ckpt_dir.glob("step*.ckpt"), reverse=True)
+    problems = []
     for path in candidates:
-        if path.is_file():
-            try:
-                check_checkpoint(path)
-                return path
-            except ConfigError as err:
-                print(f"[magic3d] skipping unusable checkpoint: {err}", flush=True)
+        if not path.is_file():
+            continue
+        try:
+            check_checkpoint(path)
+        except ConfigError as err:
+            problems.append(str(err))
+            continue
+        if path != last and last.is_file():
+            kept = last.with_name(f"last.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.ckpt")
+            last.rename(kept)
+            print(f"[magic3d] {last.name} is unreadable (kept as {kept.name}); resuming from {path.name}",
+                  flush=True)
+        return path
+    if problems:
+        raise ConfigError(problems[0])
     return None
+
+
+def check_compatible(model, checkpoint_path: Path) -> None:
+    """Fail early, naming the first mismatching tensor, instead of deep inside Lightning."""
+    state = check_checkpoint(checkpoint_path)["state_dict"]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or mismatched:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"{mismatched[0]} has shape {tuple(state[mismatched[0]].shape)}, the config "
+                       f"gives {tuple(expected[mismatched[0]].shape)}")
+        raise ConfigError(
+            f"Checkpoint {checkpoint_path} does not fit this stage's config ({detail}). "
+            "It was written with other scene settings: start a new run folder."
+        )
 
 
 def run_stage(config_path: Path, stage_dir: Path) -> None:
@@ -174,9 +206,11 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
         enable_checkpointing=True,
     )
     if resume_from is not None:
+        check_compatible(model, resume_from)
         print(f"[magic3d] resuming from {resume_from}", flush=True)
     started = time.time()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                weights_only=True)
     if trainer.interrupted or trainer.global_step < (trainer.max_steps or 0):
         raise SystemExit(f"[magic3d] stage stopped at step {trainer.global_step}; rerun to continue")
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")

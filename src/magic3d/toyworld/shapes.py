@@ -168,12 +168,15 @@ def sd_gable_roof(
 ) -> Tensor:
     """Triangular prism with its ridge along y: a roof over [-half_x, half_x] from z=bottom.
 
-    An intersection of half-spaces (max of plane distances): a 1-Lipschitz lower bound.
+    An intersection of half-spaces (max of plane distances) is a 1-Lipschitz lower bound of
+    the distance; intersecting with the exact bounding-box distance keeps it tight far away
+    (which is where sphere tracing takes its long steps).
     """
     x, y, z = p[:, 0].abs(), p[:, 1].abs(), p[:, 2]
     slope_norm = math.hypot(height, half_x)
     slope = (height * x + half_x * (z - bottom) - height * half_x) / slope_norm
-    return torch.maximum(torch.maximum(slope, bottom - z), y - half_y)
+    box = sd_box(p, (half_x, half_y, 0.5 * height), (0.0, 0.0, bottom + 0.5 * height))
+    return torch.maximum(torch.maximum(slope, box), torch.maximum(bottom - z, y - half_y))
 
 
 def _subtract(p: Tensor, keep: SdfFn, remove: SdfFn) -> Tensor:

@@ -1,0 +1,70 @@
+"""Shared fixtures: offline hub, isolated caches, a tiny IF-style pipeline, a smoke run."""
+
+from __future__ import annotations
+
+import os
+
+# Must precede any diffusers/transformers import: huggingface_hub reads these at import time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight tiny IF stage-I pipeline folder, built once per test session."""
+    from magic3d.guidance.builders import build_pixel_pipeline
+
+    return build_pixel_pipeline(tmp_path_factory.mktemp("tiny_if"), "tiny", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach the network or write to the user's ~/.cache."""
+    monkeypatch.setenv("MAGIC3D_CACHE", str(tmp_path / "magic3d_cache"))
+    try:  # huggingface_hub may have been imported before this conftest set the env var
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    except ImportError:
+        pass
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
+    """Run ``python -m magic3d ...`` as a user would; returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "magic3d", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+SMOKE_OVERRIDES = (
+    "trainer.max_steps=6",
+    "data.steps_per_epoch=3",
+    "run.checkpoint_every=3",
+    "run.video_views=4",
+    "model.preview_every=3",
+    "trainer.log_every_n_steps=1",
+)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Path) -> Path:
+    """One finished CPU run of the coarse recipe (tiny random prior), shared by several tests."""
+    root = tmp_path_factory.mktemp("runs")
+    run_dir = root / "smoke"
+    cache = tmp_path_factory.mktemp("embedding_cache")
+    result = run_cli("run", "coarse_only", "--prompt", "a red cube", "--run", str(run_dir),
+                     f"model.guidance.pretrained={tiny_pixel_pipeline}", "run.wandb=offline",
+                     *SMOKE_OVERRIDES,
+                     env={"WANDB_MODE": "offline", "MAGIC3D_CACHE": str(cache), "WANDB_SILENT": "true"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return run_dir
