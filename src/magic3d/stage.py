@@ -208,9 +208,11 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
     if resume_from is not None:
         check_compatible(model, resume_from)
         print(f"[magic3d] resuming from {resume_from}", flush=True)
+    start_step = torch.load(resume_from, map_location="cpu", weights_only=True)["global_step"] if resume_from else 0
     started = time.time()
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
                 weights_only=True)
+    fit_seconds = time.time() - started
     if trainer.interrupted or trainer.global_step < (trainer.max_steps or 0):
         raise SystemExit(f"[magic3d] stage stopped at step {trainer.global_step}; rerun to continue")
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")
@@ -220,11 +222,13 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
         render_turntable(model, datamodule, video, fps=run.video_fps, n_views=run.video_views)
         summary = {
             "steps": trainer.global_step,
-            "seconds_this_attempt": round(time.time() - started, 1),
+            "seconds_this_attempt": round(fit_seconds, 1),
             "skipped_steps": int(model.skipped_steps),
             "checkpoint": str(ckpt_dir / "last.ckpt"),
             "video": str(video),
             "prompt": model.prompt,
+            "seconds_per_step": round(fit_seconds / max(1, trainer.global_step - start_step), 4),
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         }
         (stage_dir / "DONE.json").write_text(json.dumps(summary, indent=2))
         print(f"[magic3d] stage finished: {stage_dir}", flush=True)

@@ -8,6 +8,7 @@ never part of the checkpoint.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from magic3d.types import CameraBatch, RenderOutput, Shading
 from magic3d.visuals import preview_grid, save_png
 
 SHADING_MODES = ("albedo", "lambertian", "textureless")
+
+# Returning None is how a non-finite step is skipped (counted and logged as train/skipped_steps).
+warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 
 class NonFiniteLossError(RuntimeError):

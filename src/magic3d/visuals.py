@@ -36,12 +36,26 @@ def save_png(image: Float[Tensor, "H W 3"], path: Path) -> None:
 
 
 def write_video(frames: list[Float[Tensor, "H W 3"]], path: Path, fps: int = 30) -> None:
-    """H.264 mp4 through imageio-ffmpeg (a pip wheel that bundles its own ffmpeg binary)."""
-    import imageio.v2 as iio2
-
+    """H.264 mp4 through imageio-ffmpeg (a pip wheel with its own ffmpeg binary); where that
+    wheel is missing, OpenCV's MPEG-4 writer if OpenCV is installed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # macro_block_size=1 keeps odd sizes as they are instead of silently resizing.
-    with iio2.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1,
-                         ffmpeg_log_level="error") as writer:
-        for frame in frames:
-            writer.append_data(to_uint8(frame))
+    images = [to_uint8(frame) for frame in frames]
+    try:
+        import imageio.v2 as iio2
+        import imageio_ffmpeg  # noqa: F401  - fail fast here rather than inside the writer
+
+        # macro_block_size=1 keeps odd sizes as they are instead of silently resizing.
+        with iio2.get_writer(path, fps=fps, codec="libx264", quality=8, macro_block_size=1,
+                             ffmpeg_log_level="error") as writer:
+            for image in images:
+                writer.append_data(image)
+    except ImportError:
+        try:
+            import cv2
+        except ImportError:
+            raise RuntimeError("Writing mp4 needs imageio-ffmpeg (pip install imageio-ffmpeg)") from None
+        height, width = images[0].shape[:2]
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        for image in images:
+            writer.write(image[..., ::-1].copy())
+        writer.release()

@@ -197,12 +197,17 @@ def _to_uint8(x: Tensor) -> Tensor:
 
 
 def render_params(
-    spec: ToyWorldSpec, params: ToyWorldParams, device: str | torch.device = "cpu", batch_size: int = 1024
+    spec: ToyWorldSpec, params: ToyWorldParams, device: str | torch.device = "cpu", batch_size: int = 0
 ) -> ToyWorldBatch:
-    """Render sampled parameters, ``batch_size`` images per step, grouped by shape."""
+    """Render sampled parameters, ``batch_size`` images per step, grouped by shape.
+
+    ``batch_size`` 0 picks 1024 on CPU and 8192 on CUDA (large batches amortise kernel
+    launches; 8192 images at 64 px with 2x supersampling peak at ~2.3 GB on an H100).
+    """
+    device = torch.device(device)
+    batch_size = batch_size or (8192 if device.type == "cuda" else 1024)
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    device = torch.device(device)
     size = spec.image_size
     n = len(params)
     images = torch.empty(n, size, size, 3, dtype=torch.uint8)
@@ -244,7 +249,7 @@ def render_params(
 
 
 def render_dataset(
-    spec: ToyWorldSpec, n: int, seed: int = 0, device: str | torch.device = "cpu", batch_size: int = 1024
+    spec: ToyWorldSpec, n: int, seed: int = 0, device: str | torch.device = "cpu", batch_size: int = 0
 ) -> ToyWorldBatch:
     """``n`` captioned images, fully determined by ``(spec, n, seed)``."""
     return render_params(spec, sample_params(spec, n, seed), device, batch_size)
@@ -316,7 +321,7 @@ def render_to_shards(
     path: str | Path,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    batch_size: int = 1024,
+    batch_size: int = 0,
     shard_size: int = 10_000,
 ) -> list[Path]:
     """Render ``n`` images shard by shard (bounded memory); same images as ``render_dataset``."""

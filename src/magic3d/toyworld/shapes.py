@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Literal
 
 import torch
@@ -44,8 +44,17 @@ def _length2(x: Tensor, y: Tensor) -> Tensor:
     return torch.sqrt(x * x + y * y)
 
 
+@lru_cache(maxsize=1024)
+def _const(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A cached constant tensor: SDFs run every tracing step, and building small constants
+    afresh each time costs a host-to-device copy per call on GPU."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _offset(p: Tensor, centre: tuple[float, float, float]) -> Tensor:
-    return p - torch.tensor(centre, dtype=p.dtype, device=p.device)
+    if not any(centre):
+        return p
+    return p - _const(tuple(centre), p.dtype, p.device)
 
 
 def _along(p: Tensor, axis: Literal["x", "y", "z"]) -> Tensor:
@@ -68,7 +77,7 @@ def sd_box(
     rounding: float = 0.0,
 ) -> Tensor:
     """Box of half extents ``half`` whose edges are rounded by ``rounding`` (outer size kept)."""
-    h = torch.tensor(half, dtype=p.dtype, device=p.device) - rounding
+    h = _const(tuple(v - rounding for v in half), p.dtype, p.device)
     q = _offset(p, centre).abs() - h
     outside = q.clamp_min(0.0).norm(dim=-1)
     inside = q.max(dim=-1).values.clamp_max(0.0)
@@ -132,7 +141,7 @@ def sd_capsule(
     radius: float,
 ) -> Tensor:
     pa = _offset(p, a)
-    ba = torch.tensor(b, dtype=p.dtype, device=p.device) - torch.tensor(a, dtype=p.dtype, device=p.device)
+    ba = _const(tuple(bi - ai for ai, bi in zip(a, b)), p.dtype, p.device)
     t = ((pa @ ba) / (ba @ ba)).clamp(0.0, 1.0)
     return (pa - t[:, None] * ba).norm(dim=-1) - radius
 
@@ -248,10 +257,10 @@ class Shape:
         regions = torch.zeros(points.shape[0], dtype=torch.long, device=points.device)
         if any(part.region != REGION_MAIN for part in self.parts):
             dists = torch.stack([part.sdf(points) for part in self.parts], dim=-1)
-            part_region = torch.tensor([part.region for part in self.parts], device=points.device)
+            part_region = _const(tuple(part.region for part in self.parts), torch.long, points.device)
             regions = part_region[dists.argmin(dim=-1)]
         for decal in self.decals:
-            inside = (_offset(points, decal.centre).abs() <= torch.tensor(decal.half, device=points.device)).all(-1)
+            inside = (_offset(points, decal.centre).abs() <= _const(decal.half, points.dtype, points.device)).all(-1)
             regions = torch.where(inside, torch.full_like(regions, decal.region), regions)
         return regions
 

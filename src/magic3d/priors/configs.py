@@ -1,0 +1,359 @@
+"""Sizes and builders of the embedded priors: UNets, VAE, text encoders, tokenizer, schedules.
+
+Size budget: both priors must fit in 24 MB of fp16 safetensors in the repository, so the
+pixel prior gets ~6.5 M parameters (13 MB) and the latent prior ~5 M (10 MB):
+
+- pixel (IF stage-I layout, 64x64): IF's block types (ResNet down/up-samplers, simple
+  cross-attention, text-pooled addition embedding, scale-shift norms) at 64/128/128 channels,
+  one layer per block: 6.0 M; a 2-layer T5 encoder with d_model 128: ~0.5 M. Measured
+  alternatives: 64/128/256 with two layers per block is 19 M, 64/128/192 with one is 9.3 M.
+- latent (Stable Diffusion layout): AutoencoderKL with four 32/64/64/64 blocks (three 2x
+  downsamplings: 256 px -> 32x32x4 latents), 1.25 M; SD block types at 32/64/128: 3.2 M; a
+  2-layer CLIP text transformer (SD's encoder class) with width 128: ~0.5 M.
+
+The tokenizer is a byte-level BPE (T5 special ids: pad 0, eos 1, unk 2, eos appended) whose
+merges are trained on the toy-world caption vocabulary, so "a red cube, front view" is 7
+tokens (one per word) while unknown words (a DreamBooth "sks") still tokenize into bytes.
+One token per word makes the tiny text encoder's job easy: it must tell words apart and mix
+them, not spell them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import torch
+
+from magic3d.data.cameras import VIEW_NAMES, view_suffix
+from magic3d.guidance.builders import IF_SCHEDULER
+from magic3d.toyworld.shapes import COLOUR_NAMES, SHAPE_NAMES, caption
+
+PriorKind = Literal["pixel", "latent"]
+PRIOR_KINDS: tuple[str, ...] = ("pixel", "latent")
+TEXT_MAX_LENGTH = 77  # the guidance pads prompts to 77 tokens (IF and SD convention)
+
+# stabilityai/stable-diffusion-2-1-base scheduler/scheduler_config.json.
+SD_SCHEDULER: dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+def _if_unet(sample_size: int, channels: tuple[int, ...], head_dim: int, text_dim: int, groups: int) -> dict[str, Any]:
+    """IF stage-I block types (see magic3d.guidance.builders.IF_I_XL_UNET) at a small width."""
+    levels = len(channels)
+    return dict(
+        sample_size=sample_size,
+        in_channels=3,
+        out_channels=6,  # epsilon + learned-range variance, as IF
+        block_out_channels=channels,
+        layers_per_block=1,
+        down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * (levels - 1),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=("SimpleCrossAttnUpBlock2D",) * (levels - 1) + ("ResnetUpsampleBlock2D",),
+        act_fn="gelu",
+        attention_head_dim=head_dim,
+        cross_attention_dim=channels[-1],
+        cross_attention_norm="group_norm",
+        encoder_hid_dim=text_dim,
+        encoder_hid_dim_type="text_proj",
+        addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+        resnet_time_scale_shift="scale_shift",
+        norm_num_groups=groups,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+    )
+
+
+def _sd_unet(sample_size: int, channels: tuple[int, ...], heads: int, text_dim: int, groups: int) -> dict[str, Any]:
+    """Stable Diffusion 2 block types (cross-attention transformers, linear projections)."""
+    levels = len(channels)
+    return dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=text_dim,
+        attention_head_dim=heads,  # diffusers' legacy name: number of heads in SD configs
+        use_linear_projection=True,
+        norm_num_groups=groups,
+    )
+
+
+def _vae(sample_size: int, channels: tuple[int, ...], groups: int) -> dict[str, Any]:
+    if len(channels) != 4:
+        raise ValueError(f"vae channels {channels} must have 4 entries (three 2x downsamplings = 8x).")
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=groups,
+        sample_size=sample_size,
+    )
+
+
+@dataclass
+class TextEncoderConfig:
+    """A tiny transformer text encoder; ``kind`` follows the layout (IF: T5, SD: CLIP)."""
+
+    kind: Literal["t5", "clip"] = "t5"
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    d_ff: int = 512
+
+
+@dataclass
+class PriorConfig:
+    """Everything that defines a prior and its training run (stored in the train state).
+
+    Shared fields drive the denoiser phase; ``vae_*`` fields are used by the latent prior only.
+    """
+
+    kind: PriorKind = "pixel"
+    image_size: int = 64
+    unet: dict[str, Any] = field(default_factory=dict)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    vae: dict[str, Any] = field(default_factory=dict)  # empty for the pixel prior
+    # data
+    n_images: int = 100_000
+    supersample: int = 2
+    max_render_minutes: float = 3.0  # bulk rendering stops early (keeping a prefix) past this
+    render_chunk: int = 8192
+    view_suffix_prob: float = 0.75  # share of captions with ", front view" etc.
+    cond_drop_prob: float = 0.1  # caption -> "" for classifier-free guidance
+    # denoiser optimisation
+    batch_size: int = 256
+    lr: float = 3e-4
+    text_lr_scale: float = 0.5
+    weight_decay: float = 0.01
+    warmup_steps: int = 250
+    min_lr_fraction: float = 0.1  # cosine decay (over the time budget) ends at lr * this
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    variance_loss_weight: float = 1.0  # iDDPM hybrid: lambda=0.001 x T=1000 per-step KL in bits
+    # latent prior: autoencoder phase
+    vae_fraction: float = 0.35  # share of the time budget for the VAE
+    vae_batch_size: int = 32
+    vae_lr: float = 5e-4
+    vae_kl_weight: float = 1e-5  # per-element mean KL vs per-pixel mean L1 + L2
+    scaling_sample_count: int = 4096
+    # bookkeeping
+    log_every: int = 50
+    checkpoint_minutes: float = 2.0
+    sample_steps: int = 50
+    sample_guidance: float = 5.0
+    max_mb: float = 14.0
+    compile: bool = False
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PriorConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown prior config keys {unknown}; known: {sorted(known)}")
+        values = dict(values)
+        if isinstance(values.get("text"), dict):
+            values["text"] = TextEncoderConfig(**values["text"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 8
+
+
+def default_config(kind: str, smoke: bool = False) -> PriorConfig:
+    """The shipped configuration of a prior, or a tiny CPU one with ``smoke=True`` (tests)."""
+    if kind not in PRIOR_KINDS:
+        raise ValueError(f"kind={kind!r} is unknown: use one of {PRIOR_KINDS}.")
+    if kind == "pixel":
+        if smoke:
+            return PriorConfig(
+                kind="pixel",
+                image_size=32,
+                unet=_if_unet(32, (32, 64), head_dim=8, text_dim=32, groups=8),
+                text=TextEncoderConfig("t5", d_model=32, num_layers=1, num_heads=2, d_ff=64),
+                n_images=64, supersample=1, render_chunk=64, batch_size=8, warmup_steps=2,
+                log_every=1, sample_steps=2, max_mb=14.0,
+            )
+        return PriorConfig(
+            kind="pixel",
+            image_size=64,
+            unet=_if_unet(64, (64, 128, 128), head_dim=32, text_dim=128, groups=32),
+            text=TextEncoderConfig("t5", d_model=128, num_layers=2, num_heads=4, d_ff=512),
+            max_mb=14.0,
+        )
+    if smoke:
+        return PriorConfig(
+            kind="latent",
+            image_size=64,
+            unet=_sd_unet(8, (16, 32), heads=2, text_dim=32, groups=8),
+            text=TextEncoderConfig("clip", d_model=32, num_layers=1, num_heads=2, d_ff=64),
+            vae=_vae(64, (8, 16, 16, 16), groups=8),
+            n_images=64, supersample=1, render_chunk=64, batch_size=8, vae_batch_size=8, warmup_steps=2,
+            scaling_sample_count=64, log_every=1, sample_steps=2, max_mb=10.0,
+        )
+    return PriorConfig(
+        kind="latent",
+        image_size=256,
+        unet=_sd_unet(32, (32, 64, 128), heads=4, text_dim=128, groups=16),
+        text=TextEncoderConfig("clip", d_model=128, num_layers=2, num_heads=4, d_ff=512),
+        vae=_vae(256, (32, 64, 64, 64), groups=16),
+        n_images=20_000,
+        batch_size=128,
+        max_mb=10.0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions and tokenizer
+# ---------------------------------------------------------------------------------------------
+
+_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # T5's ids: pad 0, eos 1, unk 2
+
+
+def caption_vocabulary_corpus() -> list[str]:
+    """Every toy-world caption (with and without view suffix) and each word on its own."""
+    corpus = []
+    for shape in SHAPE_NAMES:
+        for colour in COLOUR_NAMES:
+            corpus.append(caption(shape, colour))
+            corpus += [caption(shape, colour, view_suffix(v)) for v in range(len(VIEW_NAMES))]
+    words = sorted({w for text in corpus for w in text.replace(",", " ").split()})
+    return corpus + words
+
+
+def train_tokenizer_json() -> str:
+    """Byte-level BPE with merges for the toy-world words, serialised (tokenizers JSON).
+
+    Deterministic for a fixed corpus; the train state stores the JSON anyway so a resumed run
+    never depends on it.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096,  # an upper bound: training stops once every word is one token
+        min_frequency=1,
+        special_tokens=list(_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(caption_vocabulary_corpus(), trainer)
+    eos = tokenizer.token_to_id("</s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", eos)]
+    )
+    return tokenizer.to_str()
+
+
+def tokenizer_from_json(tokenizer_json: str):
+    """A transformers fast tokenizer (``AutoTokenizer`` loads its saved folder offline)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tokenizer_json),
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=TEXT_MAX_LENGTH,
+        padding_side="right",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------
+
+
+def build_text_encoder(config: TextEncoderConfig, vocab_size: int) -> torch.nn.Module:
+    """T5 encoder (IF layout) or CLIP text transformer (SD layout), random init."""
+    if config.d_model % config.num_heads:
+        raise ValueError(f"text d_model={config.d_model} must be divisible by num_heads={config.num_heads}.")
+    if config.kind == "t5":
+        from transformers import T5Config, T5EncoderModel
+
+        t5 = T5Config(
+            vocab_size=vocab_size,
+            d_model=config.d_model,
+            d_kv=config.d_model // config.num_heads,
+            d_ff=config.d_ff,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as IF's T5-XXL
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+            is_encoder_decoder=False,
+            use_cache=False,
+            tie_word_embeddings=False,
+        )
+        return T5EncoderModel(t5)
+    if config.kind == "clip":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        clip = CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=config.d_model,
+            intermediate_size=config.d_ff,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            max_position_embeddings=TEXT_MAX_LENGTH,
+            hidden_act="gelu",  # SD 2's OpenCLIP text tower
+            pad_token_id=0,
+            bos_token_id=1,  # no BOS in this tokenizer; only used for the (unused) pooled output
+            eos_token_id=1,
+        )
+        return CLIPTextModel(clip)
+    raise ValueError(f"text encoder kind={config.kind!r} is unknown: use 't5' or 'clip'.")
+
+
+def build_unet(config: PriorConfig) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**config.unet)
+
+
+def build_vae(config: PriorConfig) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    if not config.vae:
+        raise ValueError(f"the {config.kind} prior has no VAE config.")
+    return AutoencoderKL(**config.vae)
+
+
+def build_train_scheduler(config: PriorConfig):
+    """The noise schedule saved with the prior: IF's cosine for pixel, SD's for latent."""
+    from diffusers import DDPMScheduler, PNDMScheduler
+
+    if config.kind == "pixel":
+        return DDPMScheduler(**IF_SCHEDULER)
+    return PNDMScheduler(**SD_SCHEDULER)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
