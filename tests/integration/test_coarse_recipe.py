@@ -72,8 +72,8 @@ def test_finished_stage_is_not_redone(smoke_run: Path, tiny_pixel_pipeline: Path
 def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path, tiny_pixel_pipeline: Path) -> None:
     run_dir = tmp_path / "run"
     args = ["run", "coarse_only", "--prompt", "a blue torus", "--run", str(run_dir),
-            f"model.guidance.pretrained={tiny_pixel_pipeline}", "trainer.max_steps=40",
-            "run.checkpoint_every=2", "data.steps_per_epoch=20", "run.video_views=2", "model.preview_every=0"]
+            f"model.guidance.pretrained={tiny_pixel_pipeline}", "trainer.max_steps=30",
+            "run.checkpoint_every=2", "data.steps_per_epoch=15", "run.video_views=2", "model.preview_every=0"]
     process = subprocess.Popen([sys.executable, "-m", "magic3d", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     first_ckpt = run_dir / "coarse" / "checkpoints" / "step000002.ckpt"
@@ -81,19 +81,19 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path, tiny_pixel
     while not first_ckpt.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     assert first_ckpt.exists(), "no checkpoint before the deadline"
-    time.sleep(1.0)  # let the checkpoint file be fully written
+    time.sleep(0.5)  # let the checkpoint file be fully written
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C, as a user would
     process.communicate(timeout=120)
     assert process.returncode != 0
     assert not (run_dir / "coarse" / "DONE.json").exists()
     interrupted_at = torch.load(run_dir / "coarse" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert 0 < interrupted_at < 40
+    assert 0 < interrupted_at < 30
 
     result = run_cli(*args)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "resuming from" in result.stdout
     done = json.loads((run_dir / "coarse" / "DONE.json").read_text())
-    assert done["steps"] == 40
+    assert done["steps"] == 30
     attempts = sorted((run_dir / "coarse" / "logs").glob("version_*/metrics.csv"))
     assert len(attempts) == 2, "each attempt keeps its own metrics file"
     second = pd.read_csv(attempts[1])

@@ -272,8 +272,8 @@ def test_shards_round_trip(tmp_path) -> None:
 
 
 def test_renders_follow_camera_conventions() -> None:
-    # A camera on +x looking at the arrow (which points +x) sees its tip as a centred disc;
-    # a camera on +y sees the tip on the image's left (x_world maps to -right there).
+    # A camera on +y looking at the origin has image-right = -x (OpenGL look-at with +z up),
+    # so the arrow (pointing +x, fins at -x) shows its head left of its fins.
     eye = torch.tensor([[0.0, 1.8, 0.0]])
     cams = CameraBatch(
         c2w=look_at_c2w(eye),

@@ -226,7 +226,9 @@ _compiled_core: Callable[..., Tensor] | None = None
 def _get_compiled_core() -> Callable[..., Tensor]:
     global _compiled_core
     if _compiled_core is None:
-        _compiled_core = torch.compile(_encode_core)
+        # dynamic=True: the number of points changes every step (occupancy pruning); compiling
+        # for a static size first would only force a second, dynamic compile.
+        _compiled_core = torch.compile(_encode_core, dynamic=True)
     return _compiled_core
 
 

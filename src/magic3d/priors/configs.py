@@ -135,7 +135,7 @@ class PriorConfig:
     n_images: int = 100_000
     supersample: int = 2
     max_render_minutes: float = 3.0  # bulk rendering stops early (keeping a prefix) past this
-    render_chunk: int = 8192
+    render_chunk_rays: int = 1 << 25  # rays per renderer call (~3 GB of transient buffers)
     view_suffix_prob: float = 0.75  # share of captions with ", front view" etc.
     cond_drop_prob: float = 0.1  # caption -> "" for classifier-free guidance
     # denoiser optimisation
@@ -159,6 +159,7 @@ class PriorConfig:
     checkpoint_minutes: float = 2.0
     sample_steps: int = 50
     sample_guidance: float = 5.0
+    sample_rows: int = 8  # objects in the contact sheet (each with the bare prompt and views)
     max_mb: float = 14.0
     compile: bool = False
 
@@ -189,11 +190,11 @@ def default_config(kind: str, smoke: bool = False) -> PriorConfig:
         if smoke:
             return PriorConfig(
                 kind="pixel",
-                image_size=32,
-                unet=_if_unet(32, (32, 64), head_dim=8, text_dim=32, groups=8),
+                image_size=16,  # 2-core CPU tests: a 32 px forward + backward is ~4x slower
+                unet=_if_unet(16, (32, 64), head_dim=8, text_dim=32, groups=8),
                 text=TextEncoderConfig("t5", d_model=32, num_layers=1, num_heads=2, d_ff=64),
-                n_images=64, supersample=1, render_chunk=64, batch_size=8, warmup_steps=2,
-                log_every=1, sample_steps=2, max_mb=14.0,
+                n_images=64, supersample=1, batch_size=4, warmup_steps=2,
+                log_every=1, sample_steps=2, sample_rows=1, max_mb=14.0,
             )
         return PriorConfig(
             kind="pixel",
@@ -209,8 +210,9 @@ def default_config(kind: str, smoke: bool = False) -> PriorConfig:
             unet=_sd_unet(8, (16, 32), heads=2, text_dim=32, groups=8),
             text=TextEncoderConfig("clip", d_model=32, num_layers=1, num_heads=2, d_ff=64),
             vae=_vae(64, (8, 16, 16, 16), groups=8),
-            n_images=64, supersample=1, render_chunk=64, batch_size=8, vae_batch_size=8, warmup_steps=2,
-            scaling_sample_count=64, log_every=1, sample_steps=2, max_mb=10.0,
+            n_images=16,  # 64 px sphere tracing is the slowest part of the smoke run on CPU
+            supersample=1, batch_size=4, vae_batch_size=4, warmup_steps=2,
+            scaling_sample_count=64, log_every=1, sample_steps=2, sample_rows=1, max_mb=10.0,
         )
     return PriorConfig(
         kind="latent",
@@ -219,9 +221,25 @@ def default_config(kind: str, smoke: bool = False) -> PriorConfig:
         text=TextEncoderConfig("clip", d_model=128, num_layers=2, num_heads=4, d_ff=512),
         vae=_vae(256, (32, 64, 64, 64), groups=16),
         n_images=20_000,
+        supersample=1,  # 256 px is sharp enough; supersampling would quadruple the render time
         batch_size=128,
+        sample_rows=4,
         max_mb=10.0,
     )
+
+
+def with_image_size(config: PriorConfig, image_size: int) -> PriorConfig:
+    """A copy of ``config`` training at ``image_size`` px (latent: 8x smaller latents)."""
+    if config.kind == "latent" and image_size % 8:
+        raise ValueError(f"image_size={image_size} must be a multiple of 8 for the latent prior (8x VAE).")
+    values = config.to_dict()
+    values["image_size"] = image_size
+    if config.kind == "latent":
+        values["vae"] = {**config.vae, "sample_size": image_size}
+        values["unet"] = {**config.unet, "sample_size": image_size // 8}
+    else:
+        values["unet"] = {**config.unet, "sample_size": image_size}
+    return PriorConfig.from_dict(values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,7 +370,8 @@ def build_train_scheduler(config: PriorConfig):
 
     if config.kind == "pixel":
         return DDPMScheduler(**IF_SCHEDULER)
-    return PNDMScheduler(**SD_SCHEDULER)
+    # from_config keeps SD's extra key (clip_sample) that PNDM's __init__ does not take.
+    return PNDMScheduler.from_config(SD_SCHEDULER)
 
 
 def count_parameters(module: torch.nn.Module) -> int:
