@@ -147,7 +147,9 @@ class PriorConfig:
     min_lr_fraction: float = 0.1  # cosine decay (over the time budget) ends at lr * this
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    variance_loss_weight: float = 1.0  # iDDPM hybrid: lambda=0.001 x T=1000 per-step KL in bits
+    # 0: the variance channels stay untrained (SDS and DDIM use only epsilon). The iDDPM hybrid
+    # weight 1.0 (lambda=0.001 x T) went non-finite within 50 bf16 steps on an H100.
+    variance_loss_weight: float = 0.0
     # latent prior: autoencoder phase
     vae_fraction: float = 0.35  # share of the time budget for the VAE
     vae_batch_size: int = 32

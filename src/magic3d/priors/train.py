@@ -264,7 +264,8 @@ def learned_variance_kl(
     to 0.999, making the mean-error coefficient ~30x larger than at any other step, so one such
     sample per batch would dominate the (globally clipped) gradient early in training.
     """
-    frac = (variance_out + 1.0) / 2.0
+    # Clamped to the learned range: outside it exp(log_q - log_p) overflows in a few steps.
+    frac = ((variance_out + 1.0) / 2.0).clamp(0.0, 1.0)
     log_q = _per_sample(schedule.min_log[t])
     log_p = frac * _per_sample(schedule.max_log[t]) + (1.0 - frac) * log_q
     mean_error = _per_sample(schedule.mean_error_coef[t]) * (eps_pred - noise)
@@ -441,6 +442,7 @@ def run_phase(
         return
     params = [p for g in phase.optimizer.param_groups for p in g["params"]]
     window: list[Tensor] = []
+    skipped = 0
     run_start = time.perf_counter()
     start_seconds, start_step = phase.seconds, phase.step
     last_checkpoint = run_start
@@ -457,7 +459,16 @@ def run_phase(
             losses = loss_fn()
             phase.optimizer.zero_grad(set_to_none=True)
             losses[0].backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            if not torch.isfinite(grad_norm):  # one host sync per step: cheap next to a lost run
+                skipped += 1
+                if skipped > 20:
+                    raise FloatingPointError(
+                        f"[{label}] 20+ non-finite gradients (step {phase.step}): lower the learning rate "
+                        f"(lr={config.lr}) and resume from the last checkpoint."
+                    )
+                continue
+            skipped = 0
             phase.optimizer.step()
             phase.ema.update(phase.step)
             phase.step += 1
