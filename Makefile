@@ -13,7 +13,7 @@ PROMPT_ARG := $(if $(filter command line environment,$(origin prompt)),--prompt 
 RUN_ARG := $(if $(run),--run "$(run)")
 
 .DEFAULT_GOAL := run
-.PHONY: run help setup test test-gpu bench notebook clean-cache
+.PHONY: run help setup test test-gpu bench notebook clean-cache priors eval
 
 run: $(SETUP_STAMP) ## Run a recipe: make recipe=NAME prompt="..." [seed=N] [run=FOLDER] [profile=cpu|full] [overrides="key=value ..."]
 	$(PY) -m magic3d run $(recipe) $(PROMPT_ARG) --seed $(seed) --profile $(profile) $(RUN_ARG) $(overrides)
@@ -43,3 +43,12 @@ help: ## List targets and recipes
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
 	@echo "Recipes (make recipe=NAME):"
 	@for f in recipes/*.yaml; do n=$$(basename $$f .yaml); d=$$(grep -m1 '^description:' $$f | sed 's/^description: *//'); printf "  %-20s %s\n" "$$n" "$$d"; done
+
+priors: $(SETUP_STAMP) ## Retrain the embedded priors on a GPU (resumable): make priors [minutes=8]
+	$(PY) -m magic3d.priors train --kind pixel --out priors/pixel --minutes $(or $(minutes),8) --resume
+	$(PY) -m magic3d.priors train --kind latent --out priors/latent --minutes $(or $(minutes),8) --resume
+	$(PY) -m magic3d.eval train-classifier --out priors/evaluator --minutes 3
+
+eval: $(SETUP_STAMP) ## Evaluate a run against the toy world: make eval run=runs/<recipe>/<name>
+	@test -n "$(run)" || { echo "usage: make eval run=runs/<recipe>/<name>"; exit 2; }
+	$(PY) -m magic3d.eval run $(run)

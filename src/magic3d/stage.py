@@ -218,6 +218,8 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")
 
     if trainer.is_global_zero:
+        # Lightning's teardown moved the module back to the CPU; render where it trained.
+        model.to(trainer.strategy.root_device)
         video = stage_dir / "turntable.mp4"
         render_turntable(model, datamodule, video, fps=run.video_fps, n_views=run.video_views)
         summary = {

@@ -1,0 +1,113 @@
+"""CLI of the toy-world evaluator.
+
+  python -m magic3d.eval train-classifier --out priors/evaluator --minutes 3 [--smoke]
+  python -m magic3d.eval run RUN_FOLDER [--views 16] [--stage NAME] [--classifier priors/evaluator]
+  python -m magic3d.eval prompts FOLDER_OF_RUNS [--reevaluate]
+  python -m magic3d.eval prior PIPELINE_FOLDER [--n-per-caption 8] [--steps 50] [--guidance-scale 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from magic3d.eval.classifier import DEFAULT_FOLDER
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classifier", default=DEFAULT_FOLDER, help=f"evaluator folder (default {DEFAULT_FOLDER})")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cuda or cpu")
+
+
+def _add_views(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--views", type=int, default=16, help="orbit views per stage (default 16)")
+    parser.add_argument("--elevation", type=float, default=20.0, help="orbit elevation in degrees (default 20)")
+    parser.add_argument("--chamfer-resolution", type=int, default=96, help="density grid for Chamfer (default 96)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m magic3d.eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train-classifier", help="train the evaluator classifier on toy-world renders")
+    train.add_argument("--out", default=DEFAULT_FOLDER, help=f"folder to write (default {DEFAULT_FOLDER})")
+    train.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
+    train.add_argument("--smoke", action="store_true", help="tiny data, a few steps (CPU tests)")
+    train.add_argument("--max-steps", type=int, default=None)
+    train.add_argument("--n-train", type=int, default=None, help="training images to render (default 80000)")
+    train.add_argument("--device", default="auto")
+    train.add_argument("--seed", type=int, default=0)
+
+    run = commands.add_parser("run", help="evaluate the finished stages of one run")
+    run.add_argument("run_dir", type=Path)
+    run.add_argument("--stage", default=None, help="evaluate only this stage (even if unfinished)")
+    _add_views(run)
+    _add_common(run)
+
+    prompts = commands.add_parser("prompts", help="evaluate every run under a folder and average per stage")
+    prompts.add_argument("folder", type=Path)
+    prompts.add_argument("--reevaluate", action="store_true", help="ignore existing <run>/eval/eval.json")
+    _add_views(prompts)
+    _add_common(prompts)
+
+    prior = commands.add_parser("prior", help="sample a pixel prior on toy captions and classify the samples")
+    prior.add_argument("pipeline", type=Path)
+    prior.add_argument("--n-per-caption", type=int, default=8)
+    prior.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    prior.add_argument("--guidance-scale", type=float, default=5.0)
+    prior.add_argument("--shapes", nargs="*", default=(), help="subset of shapes (default all)")
+    prior.add_argument("--colours", nargs="*", default=(), help="subset of colours (default all)")
+    prior.add_argument("--batch-size", type=int, default=256)
+    prior.add_argument("--seed", type=int, default=0)
+    prior.add_argument("--out", type=Path, default=None, help="report folder (default <pipeline>/eval)")
+    _add_common(prior)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from magic3d.config import ConfigError
+
+    try:
+        return _dispatch(args)
+    except (FileNotFoundError, ValueError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train-classifier":
+        from magic3d.eval.train_classifier import ClassifierTrainConfig, train_classifier
+
+        config = ClassifierTrainConfig.smoke() if args.smoke else ClassifierTrainConfig()
+        if args.n_train is not None:
+            config.n_train = args.n_train
+        train_classifier(args.out, args.minutes, args.smoke, args.device, args.seed, args.max_steps, config)
+        return 0
+
+    from magic3d.eval.evaluate import EvalOptions, aggregate_runs, evaluate_prior, evaluate_run, write_prior_report
+
+    if args.command == "prior":
+        result = evaluate_prior(args.pipeline, args.n_per_caption, args.steps, args.guidance_scale, args.classifier,
+                                tuple(args.shapes), tuple(args.colours), args.batch_size, args.device, args.seed)
+        json_path, md_path, _ = write_prior_report(result, args.out or args.pipeline / "eval")
+        print(md_path.read_text())
+        print(f"wrote {json_path}")
+        return 0
+
+    options = EvalOptions(views=args.views, elevation_deg=args.elevation, chamfer_resolution=args.chamfer_resolution)
+    if args.command == "run":
+        result = evaluate_run(args.run_dir, options, args.stage, args.classifier, args.device)
+        print(result.markdown_path.read_text())
+        print(f"wrote {result.json_path}, {result.markdown_path}, {result.sheet_path}")
+        return 0
+    aggregate = aggregate_runs(args.folder, options, args.classifier, args.device, args.reevaluate)
+    print(aggregate.markdown_path.read_text())
+    print(f"wrote {aggregate.json_path}, {aggregate.markdown_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
