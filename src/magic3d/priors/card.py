@@ -164,10 +164,12 @@ def render_card(info: CardInfo, weights_mb: float) -> str:
         "",
     ]
     if info.kind == "pixel":
-        lines.append(
-            "- Objective: DDPM epsilon MSE on IF's cosine schedule (1000 steps) + improved-DDPM KL term for"
-            " the variance channels."
+        variance = (
+            f" + {c['variance_loss_weight']:g} x improved-DDPM KL term for the variance channels."
+            if c.get("variance_loss_weight", 0) > 0
+            else "; the variance channels are not trained (SDS and DDIM use only epsilon)."
         )
+        lines.append("- Objective: DDPM epsilon MSE on IF's cosine schedule (1000 steps)" + variance)
     else:
         lines.append(
             f"- VAE: L1 + L2 reconstruction + {c['vae_kl_weight']:g} x KL, batch {c['vae_batch_size']},"
