@@ -25,6 +25,11 @@ from magic3d.config import ConfigError, load_yaml
 
 TRAINER_KEYS_WE_OWN = ("logger", "callbacks", "default_root_dir", "enable_checkpointing")
 
+# Known-harmless library notices that would otherwise bury the run's own output:
+# our camera iterable defines __len__ on purpose (epochs have a length; num_workers is 0).
+warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
 
 @dataclass
 class RunOptions:

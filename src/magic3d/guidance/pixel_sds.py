@@ -8,8 +8,6 @@ moving the system after ``setup``.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,13 +17,10 @@ from torch import Tensor, nn
 
 from magic3d.data.cameras import view_index
 from magic3d.guidance.base import ScoreDistillation, Weighting
-from magic3d.guidance.prompts import (
-    PromptEmbeddings,
-    compute_prompt_embeddings,
-    load_or_compute_prompt_embeddings,
-    release_text_encoder,
-    text_encoder_fingerprint,
-)
+from magic3d.guidance.loading import PipelineSource, half_dtype_for
+from magic3d.guidance.loading import canonical_device as _canonical
+from magic3d.guidance.loading import module_dtype as _module_dtype
+from magic3d.guidance.prompts import PromptEmbeddings, compute_prompt_embeddings, release_text_encoder
 from magic3d.types import CameraBatch, GuidanceOutput
 
 TEXT_MAX_LENGTH = 77  # IF pads T5 prompts to 77 tokens
@@ -135,7 +130,7 @@ class PixelSDS(ScoreDistillation):
         return self._embeddings
 
     def _dtype_for(self, device: torch.device) -> torch.dtype:
-        return torch.bfloat16 if (self.half_precision and device.type == "cuda") else torch.float32
+        return half_dtype_for(device, self.half_precision)
 
     def setup(self, prompt: str, device: torch.device | str) -> None:
         """Load the UNet and noise schedule, get the prompt embeddings, free the text encoder.
@@ -191,99 +186,27 @@ class PixelSDS(ScoreDistillation):
 
     # ------------------------------------------------------------------ loading
 
-    def _local_folder(self) -> Path | None:
-        """The pipeline folder if ``pretrained`` names one; raises if it names a missing path."""
-        path = Path(self.pretrained).expanduser()
-        if path.is_dir():
-            missing = [s for s in ("unet", "scheduler") if not (path / s).is_dir()]
-            if missing:
-                raise FileNotFoundError(
-                    f"Pipeline folder '{path}' has no {'/, '.join(missing)}/ subfolder: "
-                    f"expected the DeepFloyd IF stage-I layout ({_PIPELINE_LAYOUT})."
-                )
-            return path.resolve()
-        looks_like_path = self.pretrained.startswith(("/", ".", "~")) or self.pretrained.count("/") > 1
-        if looks_like_path:
-            raise FileNotFoundError(
-                f"Pipeline folder '{path}' does not exist. Pass `pretrained` as an existing "
-                f"folder with {_PIPELINE_LAYOUT}, or a Hugging Face Hub id."
-            )
-        return None
-
-    def _source(self) -> str:
-        folder = self._local_folder()
-        return str(folder) if folder is not None else self.pretrained
-
-    def _not_found(self, what: str) -> FileNotFoundError:
-        from huggingface_hub import constants
-
-        offline = " (HF_HUB_OFFLINE=1, so only the local cache was searched)" if constants.HF_HUB_OFFLINE else ""
-        return FileNotFoundError(
-            f"Could not load the {what} of '{self.pretrained}': it is not a local folder and "
-            f"was not found on the Hugging Face Hub{offline}. Pass `pretrained` as a local "
-            f"pipeline folder ({_PIPELINE_LAYOUT}), or set HF_HUB_OFFLINE=0 with network "
-            f"access (and accept the model's licence on the Hub if it is gated)."
-        )
+    def _pipeline_source(self) -> PipelineSource:
+        return PipelineSource(self.pretrained, "DeepFloyd IF stage-I", _PIPELINE_LAYOUT, ("unet", "scheduler"))
 
     def _load_unet(self, dtype: torch.dtype) -> nn.Module:
         from diffusers import UNet2DConditionModel
 
-        source = self._source()
-        try:
-            return UNet2DConditionModel.from_pretrained(
-                source, subfolder="unet", torch_dtype=dtype, variant=self.variant
-            )
-        except (OSError, ValueError):
-            raise self._not_found("UNet (unet/)") from None
+        return self._pipeline_source().load_model(
+            UNet2DConditionModel, "unet", "UNet (unet/)", torch_dtype=dtype, variant=self.variant
+        )
 
     def _load_scheduler(self) -> Any:
-        from diffusers import DDPMScheduler
-
-        try:
-            return DDPMScheduler.from_pretrained(self._source(), subfolder="scheduler")
-        except (OSError, ValueError):
-            raise self._not_found("noise schedule (scheduler/)") from None
-
-    def _text_encoder_fingerprint(self) -> str:
-        folder = self._local_folder()
-        if folder is not None:
-            encoder_dir = folder / "text_encoder"
-            config_file = encoder_dir / "config.json"
-            if not config_file.is_file():
-                raise FileNotFoundError(
-                    f"Pipeline folder '{folder}' has no text_encoder/config.json "
-                    f"(expected {_PIPELINE_LAYOUT})."
-                )
-            weights = sorted([*encoder_dir.glob("*.safetensors"), *encoder_dir.glob("*.bin")])
-        else:
-            from huggingface_hub import hf_hub_download
-
-            try:
-                config_file = Path(hf_hub_download(self.pretrained, "config.json", subfolder="text_encoder"))
-            except (OSError, ValueError):
-                raise self._not_found("text encoder config (text_encoder/config.json)") from None
-            weights = []
-        return text_encoder_fingerprint(json.loads(config_file.read_text()), weights)
+        return self._pipeline_source().load_scheduler()
 
     def _load_text_encoder(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, nn.Module]:
         """Tokenizer and T5 encoder, on ``device``; only called on an embedding-cache miss."""
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import T5EncoderModel
 
-        source = self._source()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
-            encoder = T5EncoderModel.from_pretrained(
-                source, subfolder="text_encoder", dtype=dtype, variant=self.variant
-            )
-        except (OSError, ValueError):
-            raise self._not_found("text encoder (text_encoder/, tokenizer/)") from None
-        return tokenizer, encoder.requires_grad_(False).eval().to(device)
+        return self._pipeline_source().load_text_encoder(T5EncoderModel, device, dtype, self.variant)
 
     def _cached_embeddings(self, prompt: str, device: torch.device, dtype: torch.dtype) -> PromptEmbeddings:
-        folder = self._local_folder()
-        return load_or_compute_prompt_embeddings(
-            model_id=str(folder) if folder is not None else self.pretrained,
-            encoder_fingerprint=self._text_encoder_fingerprint(),
+        return self._pipeline_source().cached_embeddings(
             prompt=prompt,
             negative_prompt=self.negative_prompt,
             max_length=TEXT_MAX_LENGTH,
@@ -350,15 +273,3 @@ class PixelSDS(ScoreDistillation):
         eps_cond, eps_uncond = eps.chunk(2)
         return eps_cond, eps_uncond
 
-
-def _canonical(device: torch.device | str) -> torch.device:
-    """``cuda`` -> ``cuda:<current>`` so it compares equal to a tensor's device."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _module_dtype(module: nn.Module) -> torch.dtype:
-    param = next(module.parameters(), None)
-    return param.dtype if param is not None else torch.float32

@@ -61,12 +61,17 @@ def start_from_checkpoint(scene: nn.Module, path: Path, mode: str, converter: st
         from magic3d.stage import check_checkpoint
 
         state = _scene_state(check_checkpoint(Path(path)))
-        missing, unexpected = scene.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        expected = scene.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        reshaped = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+        if missing or unexpected or reshaped:
             raise ConfigError(
                 f"Warm start from {path}: the checkpoint's scene does not match this stage's scene "
-                f"(missing {list(missing)[:5]}, unexpected {list(unexpected)[:5]}). Use mode convert."
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, other shapes {reshaped[:3]}). "
+                "Use mode convert."
             )
+        scene.load_state_dict(state)
     elif mode == "convert":
         if converter is None:
             raise ConfigError("Start mode 'convert' needs a converter import path")

@@ -1,0 +1,395 @@
+"""Latent-space SDS with a Stable Diffusion style prior (Magic3D's fine stage, §4.2).
+
+Renders (512x512 for SD) are encoded by the frozen VAE encoder *with* gradients, scaled by
+``scaling_factor``, and SDS runs on the latents (``ScoreDistillation.distill``). The decoder
+is never run in the training step (threestudio decodes every step and throws the result away).
+
+Design choices:
+
+- Latents are the posterior mean by default (deterministic, so CPU runs are reproducible
+  and the gradient carries no VAE sampling noise). ``sample_latents=True`` draws
+  ``mean + std * n`` as threestudio does; SD's posterior std is small, so the two differ little.
+- The VAE encoder runs in chunks of ``vae_chunk_size`` images. Chunking alone does not bound
+  memory (autograd keeps every chunk's activations until backward), so with
+  ``vae_recompute=True`` each chunk is checkpointed: only its input is kept and its forward is
+  re-run chunk by chunk during backward. Peak activation memory is one chunk (~1.6 GB per
+  512² image in SD's VAE) at the cost of one extra encoder forward per step.
+- The UNet may predict epsilon, v or x0 (``prediction_type``, read from the scheduler config
+  by default); outputs are converted to epsilon before classifier-free guidance.
+- Frozen VAE and UNet are held outside ``nn.Module`` registration (as in ``PixelSDS``): not in
+  ``state_dict()``, untouched by a parent's ``.to()``; ``step`` moves them to the renders' device.
+- Text embeddings go through the shared disk cache (``magic3d.guidance.prompts``) with the
+  pipeline's own tokenizer and CLIP text encoder, padded to 77 tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from magic3d.data.cameras import view_index
+from magic3d.guidance.base import ScoreDistillation, Weighting
+from magic3d.guidance.loading import PipelineSource, canonical_device, half_dtype_for, module_dtype
+from magic3d.guidance.prompts import PromptEmbeddings, compute_prompt_embeddings, release_text_encoder
+from magic3d.types import CameraBatch, GuidanceOutput
+
+TEXT_MAX_LENGTH = 77  # CLIP's context length; SD pads prompts to it
+_PIPELINE_LAYOUT = "vae/, unet/, text_encoder/, tokenizer/, scheduler/ and model_index.json"
+PredictionType = Literal["auto", "epsilon", "v_prediction", "sample"]
+_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def eps_from_prediction(
+    output: Float[Tensor, "B C H W"],
+    x_t: Float[Tensor, "B C H W"],
+    alpha_bar_t: Float[Tensor, "B"],
+    prediction_type: str,
+) -> Float[Tensor, "B C H W"]:
+    """The UNet's noise estimate from its raw output.
+
+    With ``x_t = sqrt(ab) x0 + sqrt(1-ab) eps``: v-prediction ``v = sqrt(ab) eps - sqrt(1-ab) x0``
+    gives ``eps = sqrt(ab) v + sqrt(1-ab) x_t``; x0-prediction gives
+    ``eps = (x_t - sqrt(ab) x0) / sqrt(1-ab)``.
+    """
+    if prediction_type == "epsilon":
+        return output
+    ab = alpha_bar_t.reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
+    if prediction_type == "v_prediction":
+        return ab.sqrt() * output + (1.0 - ab).sqrt() * x_t
+    if prediction_type == "sample":
+        return (x_t - ab.sqrt() * output) / (1.0 - ab).sqrt()
+    raise ValueError(f"prediction_type={prediction_type!r} is unknown: use one of {_PREDICTION_TYPES}.")
+
+
+def vae_input_size(unet: nn.Module, vae: nn.Module) -> tuple[int, int]:
+    """Image size the VAE must see so its latents match the UNet: latent size x 2^(levels-1).
+
+    Derived from the UNet, not the VAE's ``sample_size`` (SD 2.1-base's VAE config says 768
+    although its UNet works on 64x64 latents of 512 px images), as diffusers' pipelines do.
+    """
+    size = unet.config.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return size[0] * factor, size[1] * factor
+
+
+class LatentSDS(ScoreDistillation):
+    """Score distillation from a latent prior (Stable Diffusion layout), gradient through the VAE.
+
+    Args:
+        pretrained: local diffusers pipeline folder or Hub id (e.g.
+            "stabilityai/stable-diffusion-2-1-base").
+        guidance_scale: CFG scale in ``eps_u + s (eps_c - eps_u)``; 100 as in DreamFusion and
+            Magic3D (threestudio's SD scale 100 is 101 here).
+        min_step_percent, max_step_percent: fine-stage range [0.02, 0.5] of T by default.
+        half_precision: bfloat16 UNet, VAE and embeddings on CUDA; CPU always runs float32.
+        negative_prompt: text for the unconditional branch.
+        cache_dir: text-embedding cache folder (default: ``$MAGIC3D_CACHE/text_embeddings``).
+        vae_chunk_size: images per VAE-encoder call (bounds activation memory, see module doc).
+        vae_recompute: checkpoint each chunk (recompute in backward) so only one chunk's
+            activations are alive; False keeps all of them (faster, more memory).
+        sample_latents: sample the VAE posterior instead of using its mean.
+        max_batch_per_unet_call: split the 2B-sample CFG forward into chunks of at most this
+            many samples; None runs it in one call.
+        variant: weight-file variant, e.g. "fp16".
+        prediction_type: "auto" reads the scheduler config; or force "epsilon",
+            "v_prediction" (SD 2.1 768 px) or "sample".
+        Other arguments: see ``ScoreDistillation``.
+    """
+
+    def __init__(
+        self,
+        pretrained: str,
+        guidance_scale: float = 100.0,
+        min_step_percent: float = 0.02,
+        max_step_percent: float = 0.5,
+        anneal_to: tuple[float, float] | None = None,
+        weighting: Weighting = "sds",
+        grad_clip: float | None = None,
+        view_dependent_prompting: bool = True,
+        half_precision: bool = True,
+        negative_prompt: str = "",
+        cache_dir: str | None = None,
+        vae_chunk_size: int = 4,
+        vae_recompute: bool = True,
+        sample_latents: bool = False,
+        max_batch_per_unet_call: int | None = None,
+        variant: str | None = None,
+        prediction_type: PredictionType = "auto",
+    ) -> None:
+        super().__init__(
+            guidance_scale=guidance_scale,
+            min_step_percent=min_step_percent,
+            max_step_percent=max_step_percent,
+            anneal_to=anneal_to,
+            weighting=weighting,
+            grad_clip=grad_clip,
+            view_dependent_prompting=view_dependent_prompting,
+        )
+        if vae_chunk_size < 1:
+            raise ValueError(f"vae_chunk_size={vae_chunk_size} must be >= 1 (images per VAE-encoder call).")
+        if max_batch_per_unet_call is not None and max_batch_per_unet_call < 1:
+            raise ValueError(
+                f"max_batch_per_unet_call={max_batch_per_unet_call} must be >= 1, or None for one call."
+            )
+        if prediction_type != "auto" and prediction_type not in _PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type={prediction_type!r} is unknown: use 'auto' or one of {_PREDICTION_TYPES}."
+            )
+        self.pretrained = pretrained
+        self.half_precision = half_precision
+        self.negative_prompt = negative_prompt
+        self.cache_dir = cache_dir
+        self.vae_chunk_size = vae_chunk_size
+        self.vae_recompute = vae_recompute
+        self.sample_latents = sample_latents
+        self.max_batch_per_unet_call = max_batch_per_unet_call
+        self.variant = variant
+        self.prediction_type = prediction_type
+        # Frozen parts live in a plain dict: nn.Module does not register (or save) them.
+        self._frozen: dict[str, Any] = {}
+        self._embeddings: PromptEmbeddings | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_modules(
+        cls,
+        unet: nn.Module,
+        vae: nn.Module,
+        scheduler: Any,
+        text_embeddings: PromptEmbeddings | None = None,
+        tokenizer: Any = None,
+        text_encoder: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> "LatentSDS":
+        """Build from in-memory modules (tests, benchmarks); ``setup`` still places them.
+
+        Give either ``text_embeddings`` (``setup``'s prompt is then ignored) or
+        ``tokenizer`` + ``text_encoder`` (embeddings computed in ``setup``, never cached).
+        ``scheduler`` needs ``alphas_cumprod`` (and ``config.prediction_type`` for "auto").
+        """
+        if text_embeddings is None and (tokenizer is None or text_encoder is None):
+            raise ValueError("from_modules needs text_embeddings, or both tokenizer and text_encoder.")
+        guidance = cls(pretrained=kwargs.pop("pretrained", "<in-memory>"), **kwargs)
+        guidance._frozen["source"] = {
+            "unet": unet,
+            "vae": vae,
+            "scheduler": scheduler,
+            "text_embeddings": text_embeddings,
+            "tokenizer": tokenizer,
+            "text_encoder": text_encoder,
+        }
+        return guidance
+
+    @property
+    def unet(self) -> nn.Module:
+        return self._require("unet")
+
+    @property
+    def vae(self) -> nn.Module:
+        return self._require("vae")
+
+    @property
+    def embeddings(self) -> PromptEmbeddings:
+        if self._embeddings is None:
+            raise RuntimeError("LatentSDS.setup(prompt, device) must run before step().")
+        return self._embeddings
+
+    def _require(self, name: str) -> Any:
+        if name not in self._frozen:
+            raise RuntimeError(f"LatentSDS.setup(prompt, device) must run before the {name} is used.")
+        return self._frozen[name]
+
+    def setup(self, prompt: str, device: torch.device | str) -> None:
+        """Load VAE, UNet and noise schedule, get the prompt embeddings, free the text encoder.
+
+        Calling it again keeps the loaded models, only re-placing them and, for a new
+        prompt, fetching that prompt's embeddings.
+        """
+        device = torch.device(device)
+        dtype = half_dtype_for(device, self.half_precision)
+        if "unet" in self._frozen:
+            if prompt != self._frozen["prompt"] and not self._frozen["in_memory"]:
+                self._embeddings = self._cached_embeddings(prompt, device, dtype)
+                self._frozen["prompt"] = prompt
+            self._place(device)
+            return
+        source = self._frozen.pop("source", None)
+        self._frozen["in_memory"] = source is not None
+        self._frozen["prompt"] = prompt
+        if source is not None:
+            unet, vae, scheduler = source["unet"], source["vae"], source["scheduler"]
+            embeddings = source["text_embeddings"]
+            if embeddings is None:
+                text_encoder = source["text_encoder"].to(device)
+                embeddings = compute_prompt_embeddings(
+                    source["tokenizer"], text_encoder, prompt, self.negative_prompt, TEXT_MAX_LENGTH
+                )
+                del text_encoder
+            source.clear()
+            release_text_encoder(device)
+        else:
+            vae, unet, scheduler = self._load_vae(dtype), self._load_unet(dtype), self._load_scheduler()
+            embeddings = self._cached_embeddings(prompt, device, dtype)
+
+        self._frozen["unet"] = unet.requires_grad_(False).eval()
+        self._frozen["vae"] = vae.requires_grad_(False).eval()
+        self._frozen["resolved_prediction_type"] = self._resolve_prediction_type(scheduler)
+        self.set_alphas_cumprod(torch.as_tensor(scheduler.alphas_cumprod))
+        self._embeddings = embeddings
+        self._place(device)
+
+    def _resolve_prediction_type(self, scheduler: Any) -> str:
+        if self.prediction_type != "auto":
+            return self.prediction_type
+        config = getattr(scheduler, "config", None)
+        found = getattr(config, "prediction_type", None) or "epsilon"
+        if found not in _PREDICTION_TYPES:
+            raise ValueError(
+                f"the scheduler's prediction_type={found!r} is not supported: "
+                f"set LatentSDS(prediction_type=...) to one of {_PREDICTION_TYPES}."
+            )
+        return found
+
+    @property
+    def resolved_prediction_type(self) -> str:
+        """What the UNet predicts, as used in ``predict_noise`` (known after ``setup``)."""
+        return self._require("resolved_prediction_type")
+
+    def _place(self, device: torch.device) -> None:
+        """Move the frozen UNet, VAE and embeddings to ``device`` in the precision used there."""
+        dtype = half_dtype_for(device, self.half_precision)
+        for name in ("unet", "vae"):
+            module = self._frozen[name]
+            if module_dtype(module) != dtype:
+                module = module.to(dtype=dtype)
+            self._frozen[name] = module.to(device=device)
+        self._frozen["device"] = canonical_device(device)
+        self._embeddings = self.embeddings.to(device, dtype)
+        self.alphas_cumprod = self.alphas_cumprod.to(device)
+
+    # ------------------------------------------------------------------ loading
+
+    def _pipeline_source(self) -> PipelineSource:
+        return PipelineSource(self.pretrained, "Stable Diffusion", _PIPELINE_LAYOUT, ("vae", "unet", "scheduler"))
+
+    def _load_unet(self, dtype: torch.dtype) -> nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        return self._pipeline_source().load_model(
+            UNet2DConditionModel, "unet", "UNet (unet/)", torch_dtype=dtype, variant=self.variant
+        )
+
+    def _load_vae(self, dtype: torch.dtype) -> nn.Module:
+        from diffusers import AutoencoderKL
+
+        return self._pipeline_source().load_model(
+            AutoencoderKL, "vae", "VAE (vae/)", torch_dtype=dtype, variant=self.variant
+        )
+
+    def _load_scheduler(self) -> Any:
+        return self._pipeline_source().load_scheduler()
+
+    def _load_text_encoder(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, nn.Module]:
+        """Tokenizer and CLIP text encoder, on ``device``; only called on an embedding-cache miss."""
+        from transformers import CLIPTextModel
+
+        return self._pipeline_source().load_text_encoder(CLIPTextModel, device, dtype, self.variant)
+
+    def _cached_embeddings(self, prompt: str, device: torch.device, dtype: torch.dtype) -> PromptEmbeddings:
+        return self._pipeline_source().cached_embeddings(
+            prompt=prompt,
+            negative_prompt=self.negative_prompt,
+            max_length=TEXT_MAX_LENGTH,
+            load_encoder=lambda: self._load_text_encoder(device, dtype),
+            device=device,
+            cache_dir=self.cache_dir,
+        )
+
+    # ------------------------------------------------------------------ the step
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) the renders are resized to before encoding (512x512 for SD 2.1-base)."""
+        return vae_input_size(self.unet, self.vae)
+
+    def preprocess(self, rgb: Float[Tensor, "B H W 3"]) -> Float[Tensor, "B 3 S S"]:
+        """Channel-last [0, 1] renders -> channel-first [-1, 1] at the VAE's input size."""
+        x = rgb.permute(0, 3, 1, 2).float()
+        size = self.image_size
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return x * 2.0 - 1.0
+
+    def encode(self, x: Float[Tensor, "B 3 S S"]) -> Float[Tensor, "B 4 s s"]:
+        """Scaled VAE latents of images in [-1, 1], differentiable w.r.t. ``x`` (float32)."""
+        chunks = x.split(self.vae_chunk_size)
+        recompute = self.vae_recompute and len(chunks) > 1 and x.requires_grad and torch.is_grad_enabled()
+        latents = []
+        for chunk in chunks:
+            if recompute:
+                mean, std = checkpoint(self._posterior, chunk, use_reentrant=False)
+            else:
+                mean, std = self._posterior(chunk)
+            latents.append(mean + std * torch.randn_like(std) if self.sample_latents else mean)
+        z = torch.cat(latents).float()
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None)
+        if shift is not None:
+            z = z - shift
+        return z * config.scaling_factor
+
+    def _posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        vae = self.vae
+        dist = vae.encode(x.to(module_dtype(vae))).latent_dist
+        return dist.mean, dist.std
+
+    def step(
+        self, rgb: Float[Tensor, "B H W 3"], cameras: CameraBatch, progress: float
+    ) -> GuidanceOutput:
+        """SDS loss on the latents of a batch of renders; its gradient reaches ``rgb`` through
+        the VAE encoder (no decoder call)."""
+        if rgb.ndim != 4 or rgb.shape[-1] != 3:
+            raise ValueError(f"rgb must be (B, H, W, 3) channel-last, got {tuple(rgb.shape)}.")
+        if self._frozen.get("device") != canonical_device(rgb.device):
+            self._place(rgb.device)
+        z = self.encode(self.preprocess(rgb))
+        views = view_index(cameras.elevation, cameras.azimuth)
+        cond, uncond = self.embeddings.embeddings_for(views, self.view_dependent_prompting)
+        return self.distill(z, lambda z_t, t: self.predict_noise(z_t, t, cond, uncond), progress)
+
+    def predict_noise(
+        self,
+        z_t: Float[Tensor, "B C H W"],
+        t: Tensor,
+        cond: Float[Tensor, "B L D"],
+        uncond: Float[Tensor, "B L D"],
+    ) -> tuple[Float[Tensor, "B C H W"], Float[Tensor, "B C H W"]]:
+        """(eps_cond, eps_uncond) from one CFG batch of 2B, converted to epsilon."""
+        unet = self.unet
+        dtype = module_dtype(unet)
+        sample = torch.cat([z_t, z_t]).to(dtype)
+        timesteps = torch.cat([t, t])
+        context = torch.cat([cond, uncond]).to(dtype)
+        chunk = self.max_batch_per_unet_call or sample.shape[0]
+        with torch.no_grad():
+            outputs = [
+                unet(
+                    sample[i : i + chunk],
+                    timesteps[i : i + chunk],
+                    encoder_hidden_states=context[i : i + chunk],
+                    return_dict=False,
+                )[0]
+                for i in range(0, sample.shape[0], chunk)
+            ]
+            output = torch.cat(outputs)[:, : z_t.shape[1]].float()
+            alpha_bar = self.alphas_cumprod.to(z_t.device)[timesteps]
+            eps = eps_from_prediction(output, torch.cat([z_t, z_t]).float(), alpha_bar, self.resolved_prediction_type)
+        eps_cond, eps_uncond = eps.chunk(2)
+        return eps_cond, eps_uncond

@@ -1,0 +1,70 @@
+"""A stage starting from an earlier stage's checkpoint: warm start, convert, incompatibility."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from magic3d.config import ConfigError
+from magic3d.scenes.checkpoint import load_scene_from_checkpoint, start_from_checkpoint
+from magic3d.scenes.hash_nerf import HashGridNeRF
+from magic3d.stage import check_compatible
+from magic3d.system import TextTo3D
+
+pytestmark = pytest.mark.slow
+
+
+def _smoke_scene_args(smoke_run: Path) -> dict:
+    checkpoint = torch.load(smoke_run / "coarse" / "checkpoints" / "last.ckpt", weights_only=True)
+    return checkpoint["magic3d"]["stage_config"]["model"]["scene"]["init_args"]
+
+
+def copy_background(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """A stand-in converter (the NeRF -> DMTet one comes with the fine stage)."""
+    target.background.load_state_dict(source.background.state_dict())
+
+
+def test_checkpoint_rebuilds_its_scene(smoke_run: Path) -> None:
+    scene = load_scene_from_checkpoint(smoke_run / "coarse" / "checkpoints" / "last.ckpt")
+    assert isinstance(scene, HashGridNeRF)
+    state = torch.load(smoke_run / "coarse" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(scene.encoding.params, state["scene.encoding.params"])
+
+
+def test_warm_start_copies_the_weights(smoke_run: Path) -> None:
+    args = {k: v for k, v in _smoke_scene_args(smoke_run).items() if k != "background"}
+    target = HashGridNeRF(**args)
+    start_from_checkpoint(target, smoke_run / "coarse" / "checkpoints" / "last.ckpt", "warm_start", None)
+    source = load_scene_from_checkpoint(smoke_run / "coarse" / "checkpoints" / "last.ckpt")
+    for (name, a), (_, b) in zip(sorted(target.state_dict().items()), sorted(source.state_dict().items())):
+        assert torch.equal(a, b), name
+
+
+def test_warm_start_into_another_shape_says_use_convert(smoke_run: Path) -> None:
+    target = HashGridNeRF(n_levels=2, log2_hashmap_size=8, hidden_dim=8, grid_resolution=0)
+    with pytest.raises(ConfigError, match="Use mode convert"):
+        start_from_checkpoint(target, smoke_run / "coarse" / "checkpoints" / "last.ckpt", "warm_start", None)
+
+
+def test_convert_calls_the_named_function(smoke_run: Path) -> None:
+    target = HashGridNeRF(n_levels=2, log2_hashmap_size=8, hidden_dim=8, grid_resolution=0)
+    start_from_checkpoint(target, smoke_run / "coarse" / "checkpoints" / "last.ckpt", "convert",
+                          f"{__name__}.copy_background")
+    source = load_scene_from_checkpoint(smoke_run / "coarse" / "checkpoints" / "last.ckpt")
+    for (name, a), (_, b) in zip(sorted(target.background.state_dict().items()),
+                                 sorted(source.background.state_dict().items())):
+        assert torch.equal(a, b), name
+    with pytest.raises(ConfigError, match="not found"):
+        start_from_checkpoint(target, smoke_run / "coarse" / "checkpoints" / "last.ckpt", "convert",
+                              "magic3d.no_such_module.convert")
+
+
+def test_incompatible_checkpoint_is_named(smoke_run: Path) -> None:
+    class NoGuidance(torch.nn.Module):
+        pass
+
+    other = TextTo3D(HashGridNeRF(n_levels=2, log2_hashmap_size=8, hidden_dim=8, grid_resolution=0), NoGuidance())
+    with pytest.raises(ConfigError, match="does not fit this stage's config"):
+        check_compatible(other, smoke_run / "coarse" / "checkpoints" / "last.ckpt")
