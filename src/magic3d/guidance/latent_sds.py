@@ -232,8 +232,9 @@ class LatentSDS(ScoreDistillation):
                     source["tokenizer"], text_encoder, prompt, self.negative_prompt, TEXT_MAX_LENGTH
                 )
                 del text_encoder
+                source.clear()
+                release_text_encoder(device)
             source.clear()
-            release_text_encoder(device)
         else:
             vae, unet, scheduler = self._load_vae(dtype), self._load_unet(dtype), self._load_scheduler()
             embeddings = self._cached_embeddings(prompt, device, dtype)
@@ -331,14 +332,20 @@ class LatentSDS(ScoreDistillation):
         """Scaled VAE latents of images in [-1, 1], differentiable w.r.t. ``x`` (float32)."""
         chunks = x.split(self.vae_chunk_size)
         recompute = self.vae_recompute and len(chunks) > 1 and x.requires_grad and torch.is_grad_enabled()
-        latents = []
+        means, stds = [], []
         for chunk in chunks:
             if recompute:
                 mean, std = checkpoint(self._posterior, chunk, use_reentrant=False)
             else:
                 mean, std = self._posterior(chunk)
-            latents.append(mean + std * torch.randn_like(std) if self.sample_latents else mean)
-        z = torch.cat(latents).float()
+            means.append(mean)
+            stds.append(std)
+        z = torch.cat(means).float()
+        if self.sample_latents:
+            # One draw for the whole batch: the same seed gives the same latents in any chunking.
+            std = torch.cat(stds).float()
+            # randn (not randn_like): the draw must not depend on the strides of ``std``.
+            z = z + std * torch.randn(std.shape, device=std.device, dtype=std.dtype)
         config = self.vae.config
         shift = getattr(config, "shift_factor", None)
         if shift is not None:
@@ -357,6 +364,7 @@ class LatentSDS(ScoreDistillation):
         the VAE encoder (no decoder call)."""
         if rgb.ndim != 4 or rgb.shape[-1] != 3:
             raise ValueError(f"rgb must be (B, H, W, 3) channel-last, got {tuple(rgb.shape)}.")
+        self._require("unet")
         if self._frozen.get("device") != canonical_device(rgb.device):
             self._place(rgb.device)
         z = self.encode(self.preprocess(rgb))
