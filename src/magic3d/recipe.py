@@ -208,10 +208,21 @@ def run_recipe(
         print(f"[magic3d] stage {spec.name}: starting ({stage_dir})", flush=True)
         cmd = [sys.executable, "-m", "magic3d", "stage", "--config", str(config_path),
                "--stage-dir", str(stage_dir)]
-        result = subprocess.run(cmd, env=os.environ.copy())
-        if result.returncode != 0:
-            raise StageFailed(spec.name, stage_dir, result.returncode)
+        code = _run_child(cmd)
+        if code != 0:
+            raise StageFailed(spec.name, stage_dir, code)
     return run_dir
+
+
+def _run_child(cmd: list[str]) -> int:
+    """Run a stage process. Ctrl-C reaches it too (same process group): wait until it has
+    saved its checkpoint and exited, so nothing is left half-written behind our back."""
+    child = subprocess.Popen(cmd, env=os.environ.copy())
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.wait()
+        raise
 
 
 class StageFailed(RuntimeError):

@@ -219,6 +219,9 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
                 weights_only=True)
     fit_seconds = time.time() - started
     if trainer.interrupted or trainer.global_step < (trainer.max_steps or 0):
+        if trainer.interrupted and trainer.global_step > 0:
+            # Lightning stops between steps on Ctrl-C, so this state is consistent: keep it.
+            trainer.save_checkpoint(ckpt_dir / "last.ckpt")
         raise SystemExit(f"[magic3d] stage stopped at step {trainer.global_step}; rerun to continue")
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")
 
