@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log" | tail -5
 TESTS=$(tail -1 "$OUT/test_gpu.log")
 
-python3 -m magic3d.bench --append "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log" | tail -25
+python3 -m magic3d.bench --fine --append "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log" | tail -25
 
 python3 - <<'PY'
 from magic3d.guidance.builders import build_pixel_pipeline

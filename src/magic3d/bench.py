@@ -90,6 +90,61 @@ def coarse_iteration(batch_sizes=(1, 8, 32), iters: int = 10, warmup: int = 3,
     return results
 
 
+@dataclass
+class LatentGuidanceTiming:
+    batch_size: int
+    step_ms: float  # VAE encode (with grad) + 2B UNet forwards + SDS, then backward to the image
+    peak_gib: float
+
+
+def latent_guidance(batch_sizes=(1, 8, 32), iters: int = 5, warmup: int = 2) -> list[LatentGuidanceTiming]:
+    """Latent SDS at 512x512 with random SD-2.1-base-sized VAE + UNet (bf16)."""
+    from magic3d.data.cameras import CameraRanges, sample_random_cameras
+    from magic3d.guidance.builders import build_latent_scheduler, build_latent_unet, build_vae
+    from magic3d.guidance.latent_sds import LatentSDS
+    from magic3d.guidance.prompts import PromptEmbeddings
+
+    device = torch.device("cuda")
+    unet = build_latent_unet("sd-2.1-base", device=device, dtype=torch.bfloat16)
+    vae = build_vae("sd-2.1-base", device=device, dtype=torch.bfloat16)
+    dim = unet.config.cross_attention_dim
+    embeddings = PromptEmbeddings(base=torch.randn(77, dim), views=torch.randn(4, 77, dim),
+                                  uncond=torch.randn(77, dim))
+    guidance = LatentSDS.from_modules(unet, vae, build_latent_scheduler(), text_embeddings=embeddings)
+    guidance.setup("benchmark", device)
+    generator = torch.Generator().manual_seed(0)
+    results = []
+    for batch in batch_sizes:
+        torch.cuda.reset_peak_memory_stats(device)
+        total = 0.0
+        for i in range(warmup + iters):
+            cams = sample_random_cameras(CameraRanges(), batch, 512, 512, generator).to(device)
+            rgb = torch.rand(batch, 512, 512, 3, device=device, requires_grad=True)
+            ms, _ = _cuda_ms(lambda: guidance.step(rgb, cams, 0.5).loss.backward(), device)
+            if i >= warmup:
+                total += ms / iters
+        results.append(LatentGuidanceTiming(batch, total, torch.cuda.max_memory_allocated(device) / 2**30))
+    return results
+
+
+def fine_components() -> dict[str, float]:
+    """Rasteriser (100k triangles, 512^2, batch 8, fwd+bwd) and marching tets (BCC n=51, about
+    the size of the commonly used 128 grid) on the GPU, in ms."""
+    from magic3d.ops.marching_tets import marching_tets
+    from magic3d.ops.raster import benchmark_raster
+    from magic3d.ops.tetgrid import make_tet_grid
+
+    device = torch.device("cuda")
+    raster = benchmark_raster(n_faces=100_000, resolution=512, batch=8, device=device, backend="torch")
+    grid = make_tet_grid(51, "bcc").to(device)
+    sdf = (grid.vertices.norm(dim=-1) - 0.3).requires_grad_(True)
+    for _ in range(2):
+        marching_tets(grid.vertices, sdf, grid.tets)
+    ms, mesh = _cuda_ms(lambda: marching_tets(grid.vertices, sdf, grid.tets), device)
+    return {"raster_fwd_bwd_ms": float(raster["ms_forward_backward"]), "marching_tets_ms": ms,
+            "marching_tets_faces": float(mesh.faces.shape[0]), "tets": float(grid.tets.shape[0])}
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -124,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append", type=Path, default=None, help="append the table to this markdown file")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--fine", action="store_true", help="also the fine-stage components")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("make bench needs a CUDA GPU; none was found.")
@@ -133,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     grid_rows = [benchmark_hashgrid(n_points=2**20, device="cuda", backend=b) for b in ("torch", "compiled")]
     coarse = coarse_iteration(tuple(args.batch_sizes), iters=args.iters)
     report = markdown_report(coarse, grid_rows)
+    if args.fine:
+        parts = fine_components()
+        latent = latent_guidance(tuple(args.batch_sizes))
+        report += ("\nFine-stage components: rasteriser fwd+bwd (100k triangles, 512², batch 8) "
+                   f"{parts['raster_fwd_bwd_ms']:.1f} ms; marching tets on {parts['tets']:.0f} tets "
+                   f"{parts['marching_tets_ms']:.1f} ms.\n\n| batch | latent SDS step ms (512², SD-2.1-base size) | peak GiB |\n|---|---|---|\n")
+        report += "".join(f"| {r.batch_size} | {r.step_ms:.1f} | {r.peak_gib:.1f} |\n" for r in latent)
     print(report)
     if args.append is not None:
         with open(args.append, "a") as handle:
