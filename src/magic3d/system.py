@@ -37,6 +37,8 @@ class LossTerms:
     orientation: Tensor | None
     sparsity: Tensor | None
     opaque: Tensor | None
+    normal_consistency: Tensor | None = None
+    laplacian: Tensor | None = None
 
 
 class TextTo3D(L.LightningModule):
@@ -57,6 +59,8 @@ class TextTo3D(L.LightningModule):
             ``orientation_ramp_steps``.
         lambda_sparsity: weight of the mean-opacity penalty (discourages floaters).
         lambda_opaque: weight of the binary-opacity penalty (pushes opacity to 0 or 1).
+        lambda_normal_consistency: weight of the mesh normal-consistency term (mesh scenes).
+        lambda_laplacian: weight of the mesh Laplacian-smoothness term (mesh scenes).
         max_consecutive_nonfinite: stop with an error after this many skipped steps in a row.
         preview_every: save a training-render preview every N steps (0 disables).
     """
@@ -77,6 +81,8 @@ class TextTo3D(L.LightningModule):
         orientation_ramp_steps: int = 1,
         lambda_sparsity: float = 0.0,
         lambda_opaque: float = 0.0,
+        lambda_normal_consistency: float = 0.0,
+        lambda_laplacian: float = 0.0,
         max_consecutive_nonfinite: int = 20,
         preview_every: int = 100,
     ) -> None:
@@ -97,6 +103,8 @@ class TextTo3D(L.LightningModule):
         self.orientation_ramp_steps = max(1, orientation_ramp_steps)
         self.lambda_sparsity = lambda_sparsity
         self.lambda_opaque = lambda_opaque
+        self.lambda_normal_consistency = lambda_normal_consistency
+        self.lambda_laplacian = lambda_laplacian
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.preview_every = preview_every
         # Set by the stage runner: the resolved stage config, stored in every checkpoint so a
@@ -169,7 +177,15 @@ class TextTo3D(L.LightningModule):
             alpha = render.opacity.clamp(1e-5, 1 - 1e-5)
             opaque = -(alpha * alpha.log() + (1 - alpha) * (1 - alpha).log()).mean()
             total = total + self.lambda_opaque * opaque
-        return LossTerms(total=total, sds=sds_loss, orientation=orientation, sparsity=sparsity, opaque=opaque)
+        mesh_terms = {}
+        for name in ("normal_consistency", "laplacian"):
+            weight = getattr(self, f"lambda_{name}")
+            value = getattr(render, name, None)  # only mesh scenes render these terms
+            if weight > 0 and value is not None:
+                mesh_terms[name] = value
+                total = total + weight * value
+        return LossTerms(total=total, sds=sds_loss, orientation=orientation, sparsity=sparsity,
+                         opaque=opaque, **mesh_terms)
 
     def on_train_batch_start(self, batch: CameraBatch, batch_idx: int) -> None:
         self.scene.update_step(self.global_step)
@@ -191,7 +207,7 @@ class TextTo3D(L.LightningModule):
             "train/t_mean": guided.timesteps.float().mean(),
             "train/opacity_mean": render.opacity.mean(),
         }
-        for name in ("orientation", "sparsity", "opaque"):
+        for name in ("orientation", "sparsity", "opaque", "normal_consistency", "laplacian"):
             value = getattr(terms, name)
             if value is not None:
                 log[f"train/loss_{name}"] = value
