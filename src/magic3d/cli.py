@@ -25,6 +25,10 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("--config", type=Path, required=True)
     stage.add_argument("--stage-dir", type=Path, required=True)
 
+    export = sub.add_parser("export", help="write GLB + OBJ/MTL/PNG of a finished stage")
+    export.add_argument("stage_dir", type=Path, help="runs/<recipe>/<name>/<stage>")
+    export.add_argument("--texture-resolution", type=int, default=1024)
+
     sub.add_parser("recipes", help="list recipes")
     return parser
 
@@ -58,18 +62,25 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[magic3d] error: {err}", file=sys.stderr)
                 return err.code or 1
             return 0
+        if args.command == "export":
+            from magic3d.export import export_stage
+
+            for path in export_stage(args.stage_dir, texture_resolution=args.texture_resolution):
+                print(path)
+            return 0
         if args.command == "stage":
             from magic3d.stage import run_stage
 
             run_stage(args.config, args.stage_dir)
             return 0
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"[magic3d] error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
+        from magic3d.export import ExportError
         from magic3d.system import NonFiniteLossError
 
-        if not isinstance(err, NonFiniteLossError):
+        if not isinstance(err, (NonFiniteLossError, ExportError)):
             raise
         print(f"[magic3d] error: {err}", file=sys.stderr)
         return 3

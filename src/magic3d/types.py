@@ -90,6 +90,10 @@ class RenderOutput:
     # weights them. None where the scene does not define them.
     orientation: Float[Tensor, ""] | None = None
     sparsity: Float[Tensor, ""] | None = None
+    # Mesh scenes only (DMTet): 1 - cos between normals of faces sharing an edge, and the
+    # uniform-Laplacian smoothness of the extracted surface.
+    normal_consistency: Float[Tensor, ""] | None = None
+    laplacian: Float[Tensor, ""] | None = None
     samples_per_ray: float | None = None  # mean marched samples, for logging
 
 

@@ -38,11 +38,27 @@ def _small_hash_nerf(**overrides) -> Callable[[], Scene]:
     return build
 
 
+def _small_dmtet() -> Scene:
+    from magic3d.scenes.dmtet import DMTetScene
+
+    return DMTetScene(
+        tet_resolution=8,
+        n_levels=4,
+        log2_hashmap_size=12,
+        base_resolution=4,
+        per_level_scale=2.0,
+        hidden_dim=16,
+        background=EnvironmentMapBackground(random_aug_prob=0.0),
+        raster_backend="torch",
+    )
+
+
 SCENE_FACTORIES: list[tuple[str, Callable[[], Scene]]] = [
     ("hash_nerf_predicted", _small_hash_nerf(normal_mode="predicted")),
     ("hash_nerf_analytic", _small_hash_nerf(normal_mode="analytic")),
     ("hash_nerf_finite_difference", _small_hash_nerf(normal_mode="finite_difference")),
     ("hash_nerf_trunc_exp", _small_hash_nerf(density_activation="trunc_exp", blob_density=3.0)),
+    ("dmtet", _small_dmtet),
 ]
 FACTORIES = pytest.mark.parametrize("factory", [f for _, f in SCENE_FACTORIES], ids=[n for n, _ in SCENE_FACTORIES])
 

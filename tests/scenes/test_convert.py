@@ -1,0 +1,156 @@
+"""Coarse NeRF -> DMTet conversion: box, floaters, SDF, threshold errors, texture, background."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from magic3d.scenes.background import EnvironmentMapBackground
+from magic3d.scenes.convert import (
+    convert_nerf_to_dmtet,
+    largest_component,
+    nerf_to_dmtet,
+    signed_distance_grid,
+    squared_distance_transform,
+)
+from magic3d.scenes.dmtet import DMTetScene
+from magic3d.scenes.hash_nerf import HashGridNeRF
+
+SMALL = dict(n_levels=4, log2_hashmap_size=12, base_resolution=4, per_level_scale=2.0, hidden_dim=16)
+CENTRE = torch.tensor([0.1, -0.05, 0.0])
+RADII = torch.tensor([0.4, 0.3, 0.25])  # an ellipsoid: the box must be tight per axis
+FLOATER = torch.tensor([0.7, 0.7, -0.7])
+RESOLUTION = 32  # density grid: voxel 1/16, half-opacity threshold ln 2 * 16 = 11.1
+VOXEL = 2.0 / RESOLUTION
+
+
+def blob_density(points: torch.Tensor) -> torch.Tensor:
+    main = ((points - CENTRE) / RADII).norm(dim=-1)
+    floater = (points - FLOATER).norm(dim=-1) / 0.12
+    return 100.0 * torch.sigmoid((1 - main) / 0.05) + 100.0 * torch.sigmoid((1 - floater) / 0.05)
+
+
+def colour_ramp(points: torch.Tensor) -> torch.Tensor:
+    return ((points + 1) / 2).clamp(0, 1)
+
+
+def coarse_scene(density=blob_density) -> HashGridNeRF:
+    torch.manual_seed(0)
+    source = HashGridNeRF(**SMALL, grid_resolution=0, background=EnvironmentMapBackground())
+    source.density = density  # a known field instead of a trained one
+    source.albedo = colour_ramp
+    return source
+
+
+def fine_scene() -> DMTetScene:
+    torch.manual_seed(1)
+    return DMTetScene(tet_resolution=12, background=EnvironmentMapBackground(), raster_backend="torch", **SMALL)
+
+
+@pytest.fixture(scope="module")
+def converted():
+    source, target = coarse_scene(), fine_scene()
+    report = convert_nerf_to_dmtet(source, target, resolution=RESOLUTION, texture_steps=40,
+                                   texture_points=4096, texture_batch=1024)
+    return source, target, report
+
+
+def test_mesh_is_tight_around_the_blob_and_the_floater_is_gone(converted):
+    _, target, report = converted
+    assert report.removed_voxels > 0  # the floater was occupied, then dropped
+    mesh = target.extract_mesh()
+    lo, hi = mesh.vertices.detach().min(0).values, mesh.vertices.detach().max(0).values
+    # The surface follows the ellipsoid to within one density voxel (the SDF's zero level is
+    # quantised to voxel boundaries) plus the tet grid's linear interpolation.
+    assert torch.allclose(lo, CENTRE - RADII, atol=1.5 * VOXEL)
+    assert torch.allclose(hi, CENTRE + RADII, atol=1.5 * VOXEL)
+    assert float((mesh.vertices.detach() - FLOATER).norm(dim=-1).min()) > 0.5
+    # The box is the occupied extent plus 2 tet cells (m = 2e / (12 - 4) = e / 4 per axis),
+    # widened to a quarter of the longest axis at most: nowhere near the floater.
+    box = target.bbox
+    extent = 2 * RADII
+    assert (box[0] < CENTRE - RADII).all() and (box[1] > CENTRE + RADII).all()
+    assert torch.allclose(box[1] - box[0], extent * 1.5, atol=2.5 * VOXEL)
+
+
+def test_sdf_is_a_signed_distance(converted):
+    _, target, _ = converted
+    vertices, sdf = target.grid_vertices(), target.sdf.detach()
+    # For an ellipsoid the distance is between (|q| - 1) * min radius and (|q| - 1) * max
+    # radius, q the normalised coordinates; one voxel of slack for the voxel quantisation.
+    q = ((vertices - CENTRE) / RADII).norm(dim=-1) - 1
+    low = torch.minimum(q * RADII.min(), q * RADII.max()) - VOXEL
+    high = torch.maximum(q * RADII.min(), q * RADII.max()) + VOXEL
+    near = q.abs() < 0.5  # far from the surface the ellipsoid bound above gets loose
+    assert ((sdf >= low) & (sdf <= high))[near].all()
+    assert (torch.sign(sdf) == torch.sign(q))[q.abs() > 0.2].all()
+    assert (target.deformation == 0).all()
+
+
+def test_texture_fit_reduces_the_albedo_error(converted):
+    _, target, report = converted
+    # 40 Adam steps on a linear colour ramp: a large drop, not convergence.
+    assert report.texture_mse_after < 0.2 * report.texture_mse_before
+    points = CENTRE + RADII * torch.nn.functional.normalize(torch.randn(256, 3), dim=-1)
+    with torch.no_grad():
+        error = (target.albedo_at(points) - colour_ramp(points)).abs().mean()
+    assert float(error) < 0.05  # colour in [0, 1]; a constant guess would be ~0.15 off
+
+
+def test_background_is_copied(converted):
+    source, target, _ = converted
+    for (name, a), (_, b) in zip(source.background.state_dict().items(), target.background.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_converted_scene_renders_the_coarse_colours(converted):
+    import math
+
+    from magic3d.data.cameras import look_at_c2w
+    from magic3d.types import CameraBatch, Shading
+
+    _, target, _ = converted
+    eye = torch.tensor([[2.5, 0.0, 0.0]])
+    camera = CameraBatch(c2w=look_at_c2w(eye), fovy=torch.full((1,), math.radians(40.0)),
+                         elevation=torch.zeros(1), azimuth=torch.zeros(1),
+                         distance=torch.full((1,), 2.5), light_position=eye.clone(), height=24, width=24)
+    target.eval()
+    with torch.no_grad():
+        out = target.render(camera, Shading("albedo", torch.ones(1)))
+    assert out.opacity.sum() > 20  # the blob covers ~100 of 576 pixels
+    centre = out.rgb[0, 12, 12]
+    # Facing +x, the front of the blob is at x = 0.5: the ramp gives (0.75, ~0.5, ~0.5).
+    assert torch.allclose(centre, torch.tensor([0.75, 0.5, 0.5]), atol=0.08)
+
+
+def test_threshold_outside_the_density_range_reports_the_range():
+    with pytest.raises(ValueError, match=r"threshold 1e\+06 .* range \[0, 100\]"):
+        convert_nerf_to_dmtet(coarse_scene(), fine_scene(), resolution=16, threshold=1e6, texture_steps=0)
+    empty = coarse_scene(density=lambda p: torch.zeros(p.shape[0]))
+    with pytest.raises(ValueError, match=r"range \[0, 0\]"):
+        nerf_to_dmtet(empty, fine_scene())
+
+
+def test_largest_component_keeps_the_biggest_blob():
+    occupied = torch.zeros(12, 12, 12, dtype=torch.bool)
+    occupied[1:5, 1:5, 1:5] = True  # 64 voxels
+    occupied[8:10, 8:10, 8:10] = True  # 8 voxels, separate
+    kept = largest_component(occupied)
+    assert int(kept.sum()) == 64 and bool(kept[1:5, 1:5, 1:5].all())
+    assert not largest_component(torch.zeros(3, 3, 3, dtype=torch.bool)).any()
+
+
+def test_distance_transform_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    feature = torch.rand(6, 7, 5, generator=g) > 0.9
+    got = squared_distance_transform(feature)
+    cells = torch.tensor(list(itertools.product(range(6), range(7), range(5)))).float()
+    sources = torch.nonzero(feature).float()
+    expected = torch.cdist(cells, sources).square().min(-1).values.view(6, 7, 5)
+    assert torch.allclose(got, expected)  # small integers: exact in float32
+    occupied = torch.zeros(5, 5, 5, dtype=torch.bool)
+    occupied[2, 2, 2] = True
+    sdf = signed_distance_grid(occupied, voxel_size=1.0)
+    assert float(sdf[2, 2, 2]) == -0.5 and float(sdf[2, 2, 3]) == 0.5
