@@ -233,11 +233,17 @@ def test_nerf_mesh_of_blob_is_closed_ball() -> None:
     assert abs(float(r.mean()) - 0.389) < 0.05 and float(r.std()) < 0.03
 
 
-def test_nerf_mesh_empty_density_reports_range() -> None:
-    # Default blob (10) peaks at softplus(10) ~ 10 < 11.09, the half-opacity level at 32^3.
-    scene = tiny_nerf(blob_density=10.0).eval()
-    with pytest.raises(ValueError, match=r"threshold 11.09.*ranges over \[.*\]"):
-        E.nerf_mesh(scene, resolution=32)
+def test_nerf_mesh_soft_blob_and_empty_cases() -> None:
+    # Default blob (10) peaks at softplus(10) ~ 10, below one voxel's half opacity (11.09 at
+    # 32^3), yet renders opaque through its thickness: the visible-surface rule still finds it.
+    soft = E.nerf_mesh(tiny_nerf(blob_density=10.0).eval(), resolution=32)
+    assert soft.faces.shape[0] > 0
+    with pytest.raises(ValueError, match=r"threshold 1000:.*ranges over"):
+        E.nerf_mesh(tiny_nerf(blob_density=10.0).eval(), resolution=32, threshold=1000.0)
+    faint = tiny_nerf(blob_density=10.0).eval()
+    faint.density = lambda points: torch.full((points.shape[0],), 0.01)  # optical depth <= 0.02
+    with pytest.raises(ValueError, match="nothing in the scene is opaque"):
+        E.nerf_mesh(faint, resolution=32)
 
 
 def test_largest_component_drops_floaters() -> None:

@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from magic3d.eval.metrics import half_opacity_density
 from magic3d.ops.marching_tets import Mesh, marching_tets
 from magic3d.ops.raster import rasterize, interpolate
 from magic3d.ops.tetgrid import make_tet_grid
@@ -401,6 +400,23 @@ def _scene_device(scene: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def visible_density_level(density_fn, radius: float, resolution: int, device) -> float:
+    """Lowest density among the voxels that look solid from outside (optical depth > ln 2
+    along the cheapest axis direction): robust to the density scale of a soft coarse NeRF."""
+    import math
+
+    from magic3d.scenes.convert import optical_depth_from_outside, sample_density_grid
+
+    with torch.no_grad():
+        grid = sample_density_grid(density_fn, radius, resolution, device)
+        solid = optical_depth_from_outside(grid, 2.0 * radius / resolution) > math.log(2.0)
+    if not solid.any():
+        raise ValueError(
+            f"nerf_mesh: nothing in the scene is opaque (density range [{float(grid.min()):.4g}, "
+            f"{float(grid.max()):.4g}] on a {resolution}^3 grid); train the scene longer or pass a threshold")
+    return float(grid[solid].min())
+
+
 def nerf_mesh(
     scene,
     resolution: int = 128,
@@ -412,8 +428,8 @@ def nerf_mesh(
 
     The density is sampled at the vertices of a Kuhn tet grid with ``resolution`` cubes per axis
     and the level set ``density = threshold`` is extracted by marching tets (sdf = threshold -
-    density, negative inside). ``threshold`` defaults to the half-opacity density of one grid
-    cell (:func:`~magic3d.eval.metrics.half_opacity_density`), the rule the evaluation uses.
+    density, negative inside). ``threshold`` defaults to the density level of the surface a
+    viewer sees (:func:`visible_density_level`), the rule the NeRF -> DMTet conversion uses.
     Vertices on the box boundary are forced outside so the mesh is always closed. With
     ``keep_largest_component`` small floaters are dropped.
     """
@@ -421,7 +437,8 @@ def nerf_mesh(
     device = _scene_device(scene)
     grid = make_tet_grid(resolution, "kuhn", bbox=((-radius,) * 3, (radius,) * 3))
     vertices = grid.vertices.to(device)
-    threshold = half_opacity_density(2.0 * radius / resolution) if threshold is None else float(threshold)
+    if threshold is None:
+        threshold = visible_density_level(scene.density, radius, resolution, vertices.device)
     density = torch.cat([scene.density(vertices[i : i + chunk]).reshape(-1).float()
                          for i in range(0, vertices.shape[0], chunk)])
     sdf = threshold - density

@@ -154,3 +154,26 @@ def test_distance_transform_matches_brute_force():
     occupied[2, 2, 2] = True
     sdf = signed_distance_grid(occupied, voxel_size=1.0)
     assert float(sdf[2, 2, 2]) == -0.5 and float(sdf[2, 2, 3]) == 0.5
+
+
+def soft_blob(points: torch.Tensor) -> torch.Tensor:
+    """Peaks at density 8, below the half-opacity-per-voxel level (11.1 at 32^3), yet a ray
+    through its 0.5-unit radius accumulates optical depth ~4: it renders opaque."""
+    return 8.0 * torch.sigmoid((1 - ((points - CENTRE) / 0.5).norm(dim=-1)) / 0.1)
+
+
+def test_soft_coarse_density_still_converts():
+    target = fine_scene()
+    report = convert_nerf_to_dmtet(coarse_scene(soft_blob), target, resolution=RESOLUTION, texture_steps=0)
+    assert report.threshold < 8.0
+    mesh = target.extract_mesh()
+    assert mesh.faces.shape[0] > 0
+    # The visible surface lies inside the blob's 0.5 radius, and not collapsed to its core.
+    radii = (mesh.vertices.detach() - CENTRE).norm(dim=-1)
+    assert 0.25 < float(radii.mean()) < 0.55
+
+
+def test_transparent_scene_reports_that_nothing_is_opaque():
+    faint = lambda points: 0.1 * torch.ones(points.shape[0])  # noqa: E731 - optical depth 0.2 at most
+    with pytest.raises(ValueError, match="no part of the coarse scene is opaque"):
+        convert_nerf_to_dmtet(coarse_scene(faint), fine_scene(), resolution=16, texture_steps=0)

@@ -5,10 +5,13 @@
 
 1. Sample the coarse density at the voxel centres of a ``resolution``^3 grid over
    [-radius, radius]^3.
-2. Threshold it at the density where one voxel is half opaque (ln 2 / voxel size,
-   :func:`magic3d.eval.metrics.half_opacity_density`, the evaluator's rule): a fixed,
-   physically readable level that floaters cannot move. A threshold outside the density range
-   found is an error that reports the range (not a crash later in marching tets).
+2. Solid = what a viewer sees: voxels whose optical depth from outside, along the cheapest of
+   the six axis directions, exceeds ln 2 (transmittance below one half); the density threshold
+   is the lowest density inside that set. This follows the rendered surface whatever the
+   NeRF's density scale (a soft coarse blob peaking at density 18 renders opaque through its
+   thickness but never reaches a fixed "half opacity per voxel" level of 44 at 128^3), and thin
+   low-density floaters never become solid. A threshold outside the density range found is an
+   error that reports the range (not a crash later in marching tets).
 3. Remove floaters on the grid: keep the largest 26-connected component of the occupied voxels
    (a flood fill by repeated 3x3x3 max-pooling of voxel labels, restricted to the mask; no
    scipy needed).
@@ -31,6 +34,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,7 +44,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from magic3d.eval.metrics import half_opacity_density, iso_crossings, voxel_centres
+from magic3d.eval.metrics import iso_crossings, voxel_centres
 from magic3d.scenes.dmtet import DMTetScene
 from magic3d.scenes.hash_nerf import HashGridNeRF
 
@@ -230,6 +235,21 @@ def surface_band_points(
     return surface[pick] + jitter
 
 
+def optical_depth_from_outside(density_grid: Float[Tensor, "R R R"], voxel: float) -> Float[Tensor, "R R R"]:
+    """For each voxel centre, the smallest optical depth a ray along any of the six axis
+    directions accumulates from outside the grid to it. A voxel is seen as solid when this
+    exceeds ln 2 (transmittance below one half), whatever the density scale of the NeRF."""
+    tau = density_grid * voxel
+    smallest = None
+    for dim in range(3):
+        for flip in (False, True):
+            t = tau.flip(dim) if flip else tau
+            depth = torch.cumsum(t, dim) - 0.5 * t  # up to the voxel centre
+            depth = depth.flip(dim) if flip else depth
+            smallest = depth if smallest is None else torch.minimum(smallest, depth)
+    return smallest
+
+
 # --------------------------------------------------------------------------------- converter
 
 
@@ -251,13 +271,26 @@ def convert_nerf_to_dmtet(
     source = source.to(device).eval()
     radius = float(source.radius)
     voxel = 2.0 * radius / resolution
-    level = half_opacity_density(voxel) if threshold is None else float(threshold)
-
     grid = sample_density_grid(source.density, radius, resolution, device)
     low, high = float(grid.min()), float(grid.max())
     if not torch.isfinite(grid).all():
         raise ValueError("the coarse density has non-finite values on the conversion grid; "
                          "the coarse checkpoint is broken")
+    if threshold is None:
+        # The surface a viewer sees: where the optical depth from outside reaches ln 2. A fixed
+        # density level (half opacity over one voxel, 44 at 128^3) misses soft coarse NeRFs whose
+        # density peaks lower yet render opaque through their thickness.
+        depth = optical_depth_from_outside(grid, voxel)
+        solid = depth > math.log(2.0)
+        if not solid.any():
+            raise ValueError(
+                f"no part of the coarse scene is opaque (largest optical depth from outside "
+                f"{float(depth.max()):.3g} < ln 2; density range [{low:.4g}, {high:.4g}]): check "
+                "that the coarse stage produced an object, or pass a density threshold."
+            )
+        level = float(grid[solid].min())
+    else:
+        level = float(threshold)
     if not low < level < high:
         raise ValueError(
             f"density threshold {level:.4g} is outside the coarse density range "
