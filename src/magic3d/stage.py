@@ -220,8 +220,11 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
     fit_seconds = time.time() - started
     if trainer.interrupted or trainer.global_step < (trainer.max_steps or 0):
         if trainer.interrupted and trainer.global_step > 0:
-            # Lightning stops between steps on Ctrl-C, so this state is consistent: keep it.
+            # Lightning stops between steps on Ctrl-C, so this state is consistent: keep it,
+            # and flush the metrics logged so far (the CSV logger buffers between flushes).
             trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+            for logger in trainer.loggers:
+                logger.save()
         raise SystemExit(f"[magic3d] stage stopped at step {trainer.global_step}; rerun to continue")
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")
 

@@ -73,7 +73,8 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path, tiny_pixel
     run_dir = tmp_path / "run"
     args = ["run", "coarse_only", "--prompt", "a blue torus", "--run", str(run_dir),
             f"model.guidance.pretrained={tiny_pixel_pipeline}", "trainer.max_steps=30",
-            "run.checkpoint_every=2", "data.steps_per_epoch=15", "run.video_views=2", "model.preview_every=0"]
+            "run.checkpoint_every=2", "data.steps_per_epoch=15", "run.video_views=2", "model.preview_every=0",
+            "trainer.log_every_n_steps=1"]
     process = subprocess.Popen([sys.executable, "-m", "magic3d", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     first_ckpt = run_dir / "coarse" / "checkpoints" / "step000002.ckpt"
