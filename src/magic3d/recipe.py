@@ -129,8 +129,10 @@ def compose_stage(
     config = deep_merge(config, {"seed": seed, "model": {"prompt": prompt}})
     if spec.start.from_stage is not None:
         source = run_dir / spec.start.from_stage / "checkpoints" / "last.ckpt"
-        config["start"] = {"checkpoint": str(source), "mode": spec.start.mode,
-                           "converter": spec.start.converter}
+        # The stage file (or its CPU profile) may set start.converter_args, e.g. a coarser
+        # conversion grid on CPU; the recipe decides where the stage starts from.
+        config["start"] = {**(config.get("start") or {}), "checkpoint": str(source),
+                           "mode": spec.start.mode, "converter": spec.start.converter}
     stage_overrides = []
     for text in overrides:
         # "coarse:trainer.max_steps=10" targets one stage; plain keys target every stage.

@@ -192,13 +192,14 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
     ckpt_dir = stage_dir / "checkpoints"
     resume_from = _latest_valid_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
     start = config.get("start")
-    if resume_from is None and start:
+    if resume_from is None and start and start.get("checkpoint"):
         source = Path(start["checkpoint"])
         check_checkpoint(source)
         if start["mode"] == "resume":
             resume_from = source
         else:
-            start_from_checkpoint(model.scene, source, start["mode"], start.get("converter"))
+            start_from_checkpoint(model.scene, source, start["mode"], start.get("converter"),
+                                  start.get("converter_args") or {})
 
     periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                every_n_train_steps=run.checkpoint_every, save_top_k=-1, save_last=True)

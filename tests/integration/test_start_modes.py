@@ -68,3 +68,16 @@ def test_incompatible_checkpoint_is_named(smoke_run: Path) -> None:
     other = TextTo3D(HashGridNeRF(n_levels=2, log2_hashmap_size=8, hidden_dim=8, grid_resolution=0), NoGuidance())
     with pytest.raises(ConfigError, match="does not fit this stage's config"):
         check_compatible(other, smoke_run / "coarse" / "checkpoints" / "last.ckpt")
+
+
+def record_settings(source: torch.nn.Module, target: torch.nn.Module, resolution: int = 128) -> None:
+    target.recorded_resolution = resolution
+
+
+def test_converter_args_reach_the_converter(smoke_run: Path) -> None:
+    target = HashGridNeRF(n_levels=2, log2_hashmap_size=8, hidden_dim=8, grid_resolution=0)
+    ckpt = smoke_run / "coarse" / "checkpoints" / "last.ckpt"
+    start_from_checkpoint(target, ckpt, "convert", f"{__name__}.record_settings", {"resolution": 64})
+    assert target.recorded_resolution == 64
+    with pytest.raises(ConfigError, match="does not accept"):
+        start_from_checkpoint(target, ckpt, "convert", f"{__name__}.record_settings", {"resolutoin": 64})

@@ -55,8 +55,10 @@ def import_function(path: str) -> Callable:
         raise ConfigError(f"Converter '{path}' not found (expected package.module.function)") from None
 
 
-def start_from_checkpoint(scene: nn.Module, path: Path, mode: str, converter: str | None) -> None:
-    """Fill ``scene`` in place from the checkpoint at ``path``."""
+def start_from_checkpoint(scene: nn.Module, path: Path, mode: str, converter: str | None,
+                          converter_args: dict | None = None) -> None:
+    """Fill ``scene`` in place from the checkpoint at ``path`` (``converter_args`` are passed
+    to the converter as keyword arguments)."""
     if mode == "warm_start":
         from magic3d.stage import check_checkpoint
 
@@ -76,6 +78,12 @@ def start_from_checkpoint(scene: nn.Module, path: Path, mode: str, converter: st
         if converter is None:
             raise ConfigError("Start mode 'convert' needs a converter import path")
         source = load_scene_from_checkpoint(Path(path))
-        import_function(converter)(source, scene)
+        convert = import_function(converter)
+        try:
+            convert(source, scene, **(converter_args or {}))
+        except TypeError as err:
+            if converter_args and "unexpected keyword" in str(err):
+                raise ConfigError(f"Converter {converter} does not accept {sorted(converter_args)}: {err}") from None
+            raise
     else:
         raise ConfigError(f"Unknown start mode '{mode}' (warm_start, convert or resume)")
