@@ -68,3 +68,11 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Pat
                      env={"WANDB_MODE": "offline", "MAGIC3D_CACHE": str(cache), "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_latent_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight tiny Stable-Diffusion-style pipeline folder, built once per session."""
+    from magic3d.guidance.builders import build_latent_pipeline
+
+    return build_latent_pipeline(tmp_path_factory.mktemp("tiny_sd"), "tiny", seed=0)
