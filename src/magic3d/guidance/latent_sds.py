@@ -34,7 +34,13 @@ from torch.utils.checkpoint import checkpoint
 
 from magic3d.data.cameras import view_index
 from magic3d.guidance.base import ScoreDistillation, Weighting
-from magic3d.guidance.loading import PipelineSource, canonical_device, half_dtype_for, module_dtype
+from magic3d.guidance.loading import (
+    PipelineSource,
+    canonical_device,
+    cfg_unet_outputs,
+    half_dtype_for,
+    module_dtype,
+)
 from magic3d.guidance.prompts import PromptEmbeddings, compute_prompt_embeddings, release_text_encoder
 from magic3d.types import CameraBatch, GuidanceOutput
 
@@ -380,24 +386,10 @@ class LatentSDS(ScoreDistillation):
         uncond: Float[Tensor, "B L D"],
     ) -> tuple[Float[Tensor, "B C H W"], Float[Tensor, "B C H W"]]:
         """(eps_cond, eps_uncond) from one CFG batch of 2B, converted to epsilon."""
-        unet = self.unet
-        dtype = module_dtype(unet)
-        sample = torch.cat([z_t, z_t]).to(dtype)
-        timesteps = torch.cat([t, t])
-        context = torch.cat([cond, uncond]).to(dtype)
-        chunk = self.max_batch_per_unet_call or sample.shape[0]
-        with torch.no_grad():
-            outputs = [
-                unet(
-                    sample[i : i + chunk],
-                    timesteps[i : i + chunk],
-                    encoder_hidden_states=context[i : i + chunk],
-                    return_dict=False,
-                )[0]
-                for i in range(0, sample.shape[0], chunk)
-            ]
-            output = torch.cat(outputs)[:, : z_t.shape[1]].float()
-            alpha_bar = self.alphas_cumprod.to(z_t.device)[timesteps]
-            eps = eps_from_prediction(output, torch.cat([z_t, z_t]).float(), alpha_bar, self.resolved_prediction_type)
+        output = cfg_unet_outputs(self.unet, z_t, t, cond, uncond, self.max_batch_per_unet_call)
+        with torch.no_grad():  # no gradient through the noise estimate (SDS)
+            alpha_bar = self.alphas_cumprod.to(z_t.device)[torch.cat([t, t])]
+            eps = eps_from_prediction(output, torch.cat([z_t, z_t]).float(), alpha_bar,
+                                      self.resolved_prediction_type)
         eps_cond, eps_uncond = eps.chunk(2)
         return eps_cond, eps_uncond

@@ -161,3 +161,31 @@ def module_dtype(module: nn.Module) -> torch.dtype:
 def half_dtype_for(device: torch.device, half_precision: bool) -> torch.dtype:
     """bfloat16 on CUDA when asked; CPU always runs float32 (bf16 CPU kernels are slow)."""
     return torch.bfloat16 if (half_precision and device.type == "cuda") else torch.float32
+
+
+def cfg_unet_outputs(
+    unet: nn.Module,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    max_batch: int | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """Raw UNet outputs for one classifier-free-guidance batch [cond; uncond] of 2B, without
+    gradients, in float32, keeping only the first ``x_t.shape[1]`` channels (IF's learned
+    variance is dropped). ``max_batch`` bounds the samples per UNet call (memory)."""
+    dtype = module_dtype(unet)
+    sample = torch.cat([x_t, x_t]).to(dtype)
+    if channels_last and sample.is_cuda:
+        sample = sample.contiguous(memory_format=torch.channels_last)
+    timesteps = torch.cat([t, t])
+    context = torch.cat([cond, uncond]).to(dtype)
+    chunk = max_batch or sample.shape[0]
+    with torch.no_grad():
+        outputs = [
+            unet(sample[i: i + chunk], timesteps[i: i + chunk],
+                 encoder_hidden_states=context[i: i + chunk], return_dict=False)[0]
+            for i in range(0, sample.shape[0], chunk)
+        ]
+    return torch.cat(outputs)[:, : x_t.shape[1]].float()

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from magic3d.data.cameras import view_index
 from magic3d.guidance.base import ScoreDistillation, Weighting
-from magic3d.guidance.loading import PipelineSource, half_dtype_for
+from magic3d.guidance.loading import PipelineSource, cfg_unet_outputs, half_dtype_for
 from magic3d.guidance.loading import canonical_device as _canonical
 from magic3d.guidance.loading import module_dtype as _module_dtype
 from magic3d.guidance.prompts import PromptEmbeddings, compute_prompt_embeddings, release_text_encoder
@@ -251,25 +251,8 @@ class PixelSDS(ScoreDistillation):
 
         Extra output channels (IF's learned variance) are dropped: only epsilon is used.
         """
-        unet = self.unet
-        dtype = _module_dtype(unet)
-        sample = torch.cat([x_t, x_t]).to(dtype)
-        if self.enable_channels_last and sample.is_cuda:
-            sample = sample.contiguous(memory_format=torch.channels_last)
-        timesteps = torch.cat([t, t])
-        context = torch.cat([cond, uncond]).to(dtype)
-        chunk = self.max_batch_per_unet_call or sample.shape[0]
-        with torch.no_grad():
-            outputs = [
-                unet(
-                    sample[i : i + chunk],
-                    timesteps[i : i + chunk],
-                    encoder_hidden_states=context[i : i + chunk],
-                    return_dict=False,
-                )[0]
-                for i in range(0, sample.shape[0], chunk)
-            ]
-        eps = torch.cat(outputs)[:, : x_t.shape[1]].float()
+        eps = cfg_unet_outputs(self.unet, x_t, t, cond, uncond, self.max_batch_per_unet_call,
+                               channels_last=self.enable_channels_last)
         eps_cond, eps_uncond = eps.chunk(2)
         return eps_cond, eps_uncond
 
