@@ -14,7 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import grad_norm, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from magic3d.types import CameraBatch, RenderOutput, Shading
@@ -233,9 +233,10 @@ class TextTo3D(L.LightningModule):
         return None  # Lightning skips the optimiser step when training_step returns None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        norms = grad_norm(self.scene, norm_type=2)
-        total = norms.get("grad_2.0_norm_total")
-        if total is not None:
+        # A tensor, not Lightning's grad_norm(): that one syncs the GPU once per parameter.
+        grads = [p.grad.detach().norm() for p in self.scene.parameters() if p.grad is not None]
+        if grads:
+            total = torch.linalg.vector_norm(torch.stack(grads))
             self.log("train/param_grad_norm", total, on_step=True, batch_size=1)
         for group in optimizer.param_groups:
             self.log(f"train/lr_{group['name']}", group["lr"], on_step=True, batch_size=1)
