@@ -198,17 +198,17 @@ def test_iso_crossings_of_a_linear_field_lie_on_its_plane() -> None:
 
 
 def test_density_surface_of_a_sphere_is_close_to_its_surface_samples() -> None:
-    sphere = get_shape("sphere")  # radius 0.45
+    sphere = get_shape("sphere")  # radius 0.45 * WORLD_SCALE = 0.585
     threshold = half_opacity_density(2.0 / 32)
     # A density that crosses the threshold exactly at the surface (sdf = 0).
-    surface = density_surface_points(lambda p: threshold * (1.0 - 10.0 * sphere.sdf(p)), 1.0, 32, 2000,
+    surface = density_surface_points(lambda p: threshold * (1.0 - 10.0 * sphere.sdf(p)), 1.0, 32, 4000,
                                      generator=torch.Generator().manual_seed(0))
     assert surface.threshold == pytest.approx(threshold)
-    assert 900 < surface.points.shape[0] < 2000  # ~3 axes x 2 x pi (0.45 / h)^2 grid lines: all kept
+    assert 1500 < surface.points.shape[0] < 4000  # ~3 axes x 2 x pi (0.585 / h)^2 grid lines: all kept
     h = surface.voxel_size
     # Linear interpolation along grid edges of a curved surface: error O(h^2 / radius) ~ 0.004.
     assert float(sphere.sdf(surface.points).abs().max()) < 0.01
-    gt = surface_points(sphere, 2000, torch.Generator().manual_seed(0))
+    gt = surface_points(sphere, 4000, torch.Generator().manual_seed(0))
     # Two samplings of the same surface: only the gaps between samples remain (< a third of a voxel).
     assert chamfer_distance(gt, surface.points).distance < h / 3
     empty = density_surface_points(lambda p: torch.zeros(p.shape[0]), 1.0, 16, 100)

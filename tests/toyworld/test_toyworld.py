@@ -36,6 +36,7 @@ from magic3d.toyworld.shapes import (
     COMPOSITES,
     PRIMITIVES,
     SHAPES,
+    WORLD_SCALE,
     caption,
     get_colour,
     get_shape,
@@ -101,8 +102,10 @@ def test_primitive_sdf_is_a_distance(shape) -> None:
 def test_sphere_sdf_matches_analytic_distance() -> None:
     points = torch.randn(100, 3)
     sphere = get_shape("sphere")
-    # Exact formula; 1e-6 is float32 rounding of a norm of O(1) values.
-    torch.testing.assert_close(sphere.sdf(points), points.norm(dim=-1) - 0.45, atol=1e-6, rtol=0)
+    # Exact formula (modelled radius 0.45, scaled with the world); 1e-6 is float32 rounding of
+    # a norm of O(1) values.
+    expected = points.norm(dim=-1) - 0.45 * WORLD_SCALE
+    torch.testing.assert_close(sphere.sdf(points), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["sphere", "torus", "house"])
@@ -114,9 +117,10 @@ def test_surface_points_lie_on_surface(name: str) -> None:
     assert torch.equal(pts, again)
     assert shape.sdf(pts).abs().max() < 1e-3  # the function's own acceptance tolerance
     if name == "sphere":
-        torch.testing.assert_close(pts.norm(dim=-1), torch.full((500,), 0.45), atol=1e-3, rtol=0)
+        radius = 0.45 * WORLD_SCALE
+        torch.testing.assert_close(pts.norm(dim=-1), torch.full((500,), radius), atol=1e-3, rtol=0)
         # Roughly uniform by area: the mean of points on a sphere is near its centre
-        # (500 uniform points: std of the mean ~ 0.45 / sqrt(3 * 500) ~ 0.012; allow 5 sigma).
+        # (500 uniform points: std of the mean ~ 0.585 / sqrt(3 * 500) ~ 0.015; allow 4 sigma).
         assert pts.mean(0).norm() < 0.06
 
 
@@ -150,7 +154,7 @@ def test_sphere_silhouette_area_matches_projected_disk() -> None:
     out = render_shape(get_shape("sphere"), cams, (1.0, 1.0, 1.0), supersample=4)
     focal = 0.5 * size / math.tan(math.radians(fovy_deg) / 2)
     # The silhouette is the cone tangent to the sphere: half-angle asin(r / d).
-    radius_px = focal * math.tan(math.asin(0.45 / distance))
+    radius_px = focal * math.tan(math.asin(0.45 * WORLD_SCALE / distance))
     expected = math.pi * radius_px**2
     # 4x4 supersampling leaves a coverage error ~ perimeter x 1/16 px x O(1) ~ 4 px^2 of ~300;
     # 2 % covers it.
@@ -161,9 +165,9 @@ def test_sphere_depth_and_normals_are_exact_at_the_centre() -> None:
     cams = orbit_cameras(1, 30.0, 1.7, 40.0, 16, 16)
     out = render_shape(get_shape("sphere"), cams, (1.0, 1.0, 1.0))
     # The four central pixels' rays pass within a few degrees of the centre; depth is the ray
-    # distance to the sphere, 1.7 - 0.45 at the axis and at most ~1e-2 more off-axis.
+    # distance to the sphere, 1.7 - 0.585 at the axis and at most ~1e-2 more off-axis.
     centre = out.depth[0, 7:9, 7:9, 0]
-    assert bool(((centre - 1.25).abs() < 1e-2).all())
+    assert bool(((centre - (1.7 - 0.45 * WORLD_SCALE)).abs() < 1e-2).all())
     n = out.normal[0, 7:9, 7:9]
     axis = cams.position[0] / cams.position[0].norm()
     assert bool(((n * axis).sum(-1) > 0.99).all())

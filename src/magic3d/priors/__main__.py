@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--n-images", type=int, default=None, help="images to render (new runs only)")
     train.add_argument("--batch-size", type=int, default=None, help="UNet batch size (new runs only)")
+    train.add_argument("--lr", type=float, default=None, help="UNet learning rate (new runs only)")
     train.add_argument("--image-size", type=int, default=None,
                        help="training resolution, e.g. 512 for the latent prior (new runs only; default 64 / 256)")
     train.add_argument("--compile", action="store_true", help="torch.compile the UNet on CUDA (new runs only)")
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         config.n_images = args.n_images
     if args.batch_size is not None:
         config.batch_size = args.batch_size
+    if args.lr is not None:
+        config.lr = args.lr
     if args.compile:
         config.compile = True
     argv_text = sys.argv[1:] if argv is None else argv
