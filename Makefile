@@ -11,12 +11,14 @@ overrides ?=
 # prompt and run are passed only when given, so the recipe's default prompt applies otherwise.
 PROMPT_ARG := $(if $(filter command line environment,$(origin prompt)),--prompt "$(prompt)")
 RUN_ARG := $(if $(run),--run "$(run)")
+# gpus=N: N processes (one per GPU) with DDP; data.batch_size stays the global batch.
+GPUS_ARG := $(if $(gpus),trainer.devices=$(gpus) $(if $(filter-out 1,$(gpus)),trainer.strategy=ddp))
 
 .DEFAULT_GOAL := run
 .PHONY: run help setup test test-gpu bench notebook clean-cache priors eval
 
-run: $(SETUP_STAMP) ## Run a recipe: make recipe=NAME prompt="..." [seed=N] [run=FOLDER] [profile=cpu|full] [overrides="key=value ..."]
-	$(PY) -m magic3d run $(recipe) $(PROMPT_ARG) --seed $(seed) --profile $(profile) $(RUN_ARG) $(overrides)
+run: $(SETUP_STAMP) ## Run a recipe: make recipe=NAME prompt="..." [seed=N] [run=FOLDER] [profile=cpu|full] [gpus=N] [overrides="key=value ..."]
+	$(PY) -m magic3d run $(recipe) $(PROMPT_ARG) --seed $(seed) --profile $(profile) $(RUN_ARG) $(GPUS_ARG) $(overrides)
 
 $(SETUP_STAMP): pyproject.toml scripts/setup.sh
 	@bash scripts/setup.sh

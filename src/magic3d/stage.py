@@ -23,7 +23,10 @@ import torch
 
 from magic3d.config import ConfigError, load_yaml
 
-TRAINER_KEYS_WE_OWN = ("logger", "callbacks", "default_root_dir", "enable_checkpointing")
+# use_distributed_sampler is ours too: under DDP every rank steps through all validation views
+# (rank 0 writes the sheet); training cameras are already drawn per rank.
+TRAINER_KEYS_WE_OWN = ("logger", "callbacks", "default_root_dir", "enable_checkpointing",
+                       "use_distributed_sampler")
 
 # Known-harmless library notices that would otherwise bury the run's own output:
 # our camera iterable defines __len__ on purpose (epochs have a length; num_workers is 0).
@@ -131,9 +134,11 @@ def check_checkpoint(path: Path) -> dict:
 def _latest_valid_checkpoint(ckpt_dir: Path) -> Path | None:
     """last.ckpt if readable, else the newest readable periodic checkpoint.
 
-    An unreadable last.ckpt is renamed (never deleted) so the next save cannot overwrite it;
-    with no readable checkpoint at all the stage stops instead of silently starting over.
+    An unreadable last.ckpt is renamed (never deleted; by rank 0 only) so the next save cannot
+    overwrite it; with no readable checkpoint at all the stage stops instead of silently starting over.
     """
+    from lightning.pytorch.utilities import rank_zero_only
+
     last = ckpt_dir / "last.ckpt"
     candidates = [last] + sorted(ckpt_dir.glob("step*.ckpt"), reverse=True)
     problems = []
@@ -145,7 +150,7 @@ def _latest_valid_checkpoint(ckpt_dir: Path) -> Path | None:
         except ConfigError as err:
             problems.append(str(err))
             continue
-        if path != last and last.is_file():
+        if path != last and last.is_file() and rank_zero_only.rank == 0:
             kept = last.with_name(f"last.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.ckpt")
             last.rename(kept)
             print(f"[magic3d] {last.name} is unreadable (kept as {kept.name}); resuming from {path.name}",
@@ -177,6 +182,7 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
+    from magic3d.distributed import per_rank_batch_size, resolve_strategy
     from magic3d.scenes.checkpoint import start_from_checkpoint
     from magic3d.video import render_turntable
 
@@ -204,16 +210,22 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
     periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                every_n_train_steps=run.checkpoint_every, save_top_k=-1, save_last=True)
     trainer_kwargs = {k: v for k, v in vars(cfg.trainer).items()}
+    trainer_kwargs["strategy"] = resolve_strategy(trainer_kwargs.get("strategy", "auto"),
+                                                  trainer_kwargs.get("devices", "auto"),
+                                                  trainer_kwargs.get("accelerator", "auto"))
     trainer = L.Trainer(
         **trainer_kwargs,
         default_root_dir=str(stage_dir),
         logger=_loggers(stage_dir, run, name=f"{stage_dir.parent.name}/{stage_dir.name}"),
         callbacks=[periodic, TQDMProgressBar(refresh_rate=10)],
         enable_checkpointing=True,
+        use_distributed_sampler=False,
     )
+    per_rank_batch_size(datamodule.batch_size, trainer.world_size)  # fail before any process starts
     if resume_from is not None:
         check_compatible(model, resume_from)
-        print(f"[magic3d] resuming from {resume_from}", flush=True)
+        if trainer.is_global_zero:
+            print(f"[magic3d] resuming from {resume_from}", flush=True)
     start_step = torch.load(resume_from, map_location="cpu", weights_only=True)["global_step"] if resume_from else 0
     started = time.time()
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,

@@ -8,7 +8,6 @@ never part of the checkpoint.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +20,6 @@ from magic3d.types import CameraBatch, RenderOutput, Shading
 from magic3d.visuals import preview_grid, save_png
 
 SHADING_MODES = ("albedo", "lambertian", "textureless")
-
-# Returning None is how a non-finite step is skipped (counted and logged as train/skipped_steps).
-warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -112,6 +108,7 @@ class TextTo3D(L.LightningModule):
         self.stage_config: dict | None = None
         self.output_dir: Path | None = None
         self.consecutive_nonfinite = 0
+        self._skip_update = False
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
         self._shading_generator = torch.Generator()
         self._val_images: list[Tensor] = []
@@ -122,7 +119,12 @@ class TextTo3D(L.LightningModule):
             raise ValueError("The prompt is empty: pass prompt=\"a description of the object\".")
         device = self.trainer.strategy.root_device if self._trainer is not None else self.device
         self.guidance.setup(self.prompt, device)
-        self._shading_generator.manual_seed(torch.initial_seed() % (2**63) + self.global_rank)
+        seed = torch.initial_seed() % (2**63)  # the run's seed: Lightning seeds every rank alike
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Else every rank would draw the same SDS timesteps, noise and ray jitter for its
+            # own cameras, and N GPUs would explore no more noise levels than one.
+            torch.manual_seed(seed + self.global_rank)
+        self._shading_generator.manual_seed(seed + self.global_rank)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         groups = self.scene.param_groups()
@@ -196,9 +198,14 @@ class TextTo3D(L.LightningModule):
         guided = self.guidance.step(render.rgb, batch, self.progress())
         terms = self.loss_terms(render, guided.loss)
 
-        if guided.skipped or not torch.isfinite(terms.total):
+        bad = guided.skipped or not bool(torch.isfinite(terms.total))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Every rank must skip together: DDP averages gradients across all of them.
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
             return self._skip_step()
         self.consecutive_nonfinite = 0
+        self._skip_update = False
 
         log = {
             "train/loss": terms.total,
@@ -220,7 +227,14 @@ class TextTo3D(L.LightningModule):
             self._save_preview(render, f"train/step_{self.global_step:06d}.png")
         return terms.total
 
-    def _skip_step(self) -> None:
+    def _skip_step(self) -> Tensor:
+        """A zero loss that still reaches every trainable parameter, and no optimiser update.
+
+        Lightning refuses a ``None`` loss under DDP, and backward must run on every rank for
+        DDP's gradient averaging; ``on_before_optimizer_step`` then drops the (zero)
+        gradients, so Adam leaves the weights and its moments as they were.
+        """
+        self._skip_update = True
         self.consecutive_nonfinite += 1
         self.skipped_steps += 1
         self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, batch_size=1)
@@ -230,9 +244,15 @@ class TextTo3D(L.LightningModule):
                 f"{self.global_step}); stopping. The last good checkpoint is kept; try a lower "
                 "learning rate or guidance scale, then resume."
             )
-        return None  # Lightning skips the optimiser step when training_step returns None
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return torch.stack([p.sum() for p in trainable]).sum() * 0.0
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_update:
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None  # Adam skips parameters without a gradient
+            return
         # A tensor, not Lightning's grad_norm(): that one syncs the GPU once per parameter.
         grads = [p.grad.detach().norm() for p in self.scene.parameters() if p.grad is not None]
         if grads:
@@ -243,6 +263,8 @@ class TextTo3D(L.LightningModule):
 
     # ---------------------------------------------------------------------------- validation
     def validation_step(self, batch: CameraBatch, batch_idx: int) -> None:
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return  # rank 0 alone writes the sheet; every rank still steps through the views
         shading = Shading(mode="lambertian", ambient=torch.full((batch.batch_size,), 0.3, device=batch.device))
         render = self.scene.render(batch, shading)
         self._val_images.append(preview_grid(render).cpu())

@@ -313,6 +313,16 @@ def test_evaluate_prior_mechanics_on_the_tiny_pipeline(
     assert json.loads(paths[0].read_text())["n_images"] == 4
 
 
+def test_evaluate_prior_decodes_latent_priors_through_their_vae(
+    tiny_latent_pipeline: Path, smoke_classifier: Path
+) -> None:
+    result = evaluate_prior(tiny_latent_pipeline, n_per_caption=1, steps=2, classifier=smoke_classifier,
+                            shapes=("cube",), colours=("red", "blue"), batch_size=2, device="cpu")
+    vae_size = 8 * 8  # the tiny SD UNet's 8x8 latents through the 8x VAE: images, not latents
+    assert result.samples is not None and result.samples.shape == (2, vae_size, vae_size, 3)
+    assert bool(torch.isfinite(result.samples).all())
+
+
 # ---------------------------------------------------------------------------------------------
 # A tiny finished run
 # ---------------------------------------------------------------------------------------------
@@ -363,16 +373,20 @@ def test_evaluate_tiny_finished_run_and_aggregate(smoke_classifier: Path, tmp_pa
     assert len(stage["views"]) == 4
     assert "| coarse |" in result.markdown_path.read_text()
 
-    # The CLI on the other run, then the aggregate over both (reusing both eval.json files).
+    # The CLI on the other run with the same options, then the aggregate over both (reusing
+    # both eval.json files: reports made with other options would be remade).
     ball = runs / "coarse_only" / "ball"
-    assert main(["run", str(ball), "--views", "4", "--chamfer-resolution", "24",
-                 "--classifier", str(smoke_classifier), "--device", "cpu"]) == 0
+    assert main(["run", str(ball), "--views", "4", "--iou-size", "64", "--chamfer-resolution", "32",
+                 "--chamfer-points", "600", "--classifier", str(smoke_classifier), "--device", "cpu"]) == 0
+    ball_report = (ball / "eval" / "eval.json").stat().st_mtime_ns
     sphere_metrics = json.loads((ball / "eval" / "eval.json").read_text())["stages"][0]["metrics"]
     assert sphere_metrics["janus_rate"] is None  # a sphere has no front
     summary = aggregate_runs(runs, options, classifier=smoke_classifier, device="cpu")
     assert len(summary.runs) == 2 and summary.per_stage["coarse"]["prompts"] == 2
     assert summary.per_stage["coarse"]["janus_rate_n"] == 1
     assert summary.json_path.is_file() and "coarse" in summary.markdown_path.read_text()
+    assert (ball / "eval" / "eval.json").stat().st_mtime_ns == ball_report  # reused, not remade
+    assert summary.per_comparison == {}  # single-stage runs: nothing to compare
 
     assert main(["run", str(tmp_path / "nope"), "--classifier", str(smoke_classifier)]) == 2
 

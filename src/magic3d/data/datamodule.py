@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from magic3d.data.cameras import CameraRanges, orbit_cameras, sample_random_cameras
+from magic3d.distributed import per_rank_batch_size
 from magic3d.types import CameraBatch
 
 
@@ -99,6 +100,7 @@ class RandomCameraDataModule(L.LightningDataModule):
 
     Angles in degrees. Train: ``steps_per_epoch`` batches of ``batch_size`` random cameras per
     epoch, reproducible from ``seed``, the epoch and the global rank (so DDP ranks differ).
+    ``batch_size`` is the global batch: with N processes each draws batch_size / N cameras.
     Val: ``n_val_views`` orbit views; test: ``n_test_views`` (turntable video), one camera per
     batch, at ``eval_height`` x ``eval_width`` (default: the training resolution).
     """
@@ -177,10 +179,13 @@ class RandomCameraDataModule(L.LightningDataModule):
     def _global_rank(self) -> int:
         return self.trainer.global_rank if self.trainer is not None else 0
 
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
     def train_dataloader(self) -> DataLoader:
         dataset = RandomCameraIterable(
             self.ranges,
-            self.batch_size,
+            per_rank_batch_size(self.batch_size, self._world_size()),
             self.height,
             self.width,
             self.steps_per_epoch,

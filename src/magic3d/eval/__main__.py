@@ -1,9 +1,12 @@
 """CLI of the toy-world evaluator.
 
   python -m magic3d.eval train-classifier --out priors/evaluator --minutes 3 [--smoke]
-  python -m magic3d.eval run RUN_FOLDER [--views 16] [--stage NAME] [--classifier priors/evaluator]
-  python -m magic3d.eval prompts FOLDER_OF_RUNS [--reevaluate]
+  python -m magic3d.eval run RUN_FOLDER [--views 16] [--stage NAME] [--resolution 512] [--classifier priors/evaluator]
+  python -m magic3d.eval prompts FOLDER_OF_RUNS [--resolution 512] [--reevaluate]
   python -m magic3d.eval prior PIPELINE_FOLDER [--n-per-caption 8] [--steps 50] [--guidance-scale 5]
+
+A coarse_to_fine run is reported stage by stage and as "fine vs coarse" (per-metric fine - coarse);
+--resolution 512 renders both stages at the fine stage's 512x512 (use a GPU: 16 views x 512^2).
 """
 
 from __future__ import annotations
@@ -23,7 +26,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def _add_views(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--views", type=int, default=16, help="orbit views per stage (default 16)")
     parser.add_argument("--elevation", type=float, default=20.0, help="orbit elevation in degrees (default 20)")
-    parser.add_argument("--chamfer-resolution", type=int, default=96, help="density grid for Chamfer (default 96)")
+    parser.add_argument("--chamfer-resolution", type=int, default=96,
+                        help="density grid for Chamfer of density scenes (default 96; meshes are sampled directly)")
+    parser.add_argument("--chamfer-points", type=int, default=5000, help="surface samples for Chamfer (default 5000)")
+    parser.add_argument("--iou-size", type=int, default=None,
+                        help="side of the silhouette-IoU renders (default 128; cheap on CPU)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="render every view once at this size (e.g. 512, the fine stage's) for IoU and the "
+                             "sheet; the classifier gets them area-averaged to 64px. Replaces --iou-size")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,7 +107,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {json_path}")
         return 0
 
-    options = EvalOptions(views=args.views, elevation_deg=args.elevation, chamfer_resolution=args.chamfer_resolution)
+    if args.resolution is not None and args.iou_size is not None and args.iou_size != args.resolution:
+        raise ValueError(f"--iou-size {args.iou_size} and --resolution {args.resolution} disagree: "
+                         "--resolution sets the IoU size too; pass one of them")
+    options = EvalOptions(views=args.views, elevation_deg=args.elevation, chamfer_resolution=args.chamfer_resolution,
+                          chamfer_points=args.chamfer_points, resolution=args.resolution,
+                          **({} if args.iou_size is None else {"iou_size": args.iou_size}))
     if args.command == "run":
         result = evaluate_run(args.run_dir, options, args.stage, args.classifier, args.device)
         print(result.markdown_path.read_text())

@@ -4,22 +4,34 @@
 render an orbit (K views, elevation 20 deg, distance 2, fovy 50, headlight, Lambertian with
 ambient 0.5), and score it:
 
-- classifier metrics on 64x64 renders: R-precision over all toy-world captions, shape and
+- classifier metrics on 64x64 images: R-precision over all toy-world captions, shape and
   colour accuracy, view accuracy, Janus rate (asymmetric objects only), and the R-precision
   of the ground-truth renders at the same cameras (the ceiling the classifier allows). The scene's learned
   background is removed first (``rgb - (1 - opacity) * background``) and the object is
   composited over a neutral white background, so only the object is judged;
 - silhouette IoU of 128x128 renders (opacity > 0.5) against ground-truth masks;
-- Chamfer distance between ground-truth surface samples and the density field's surface
-  (scenes with ``density(points)``; others are noted and skipped).
+- Chamfer distance between ground-truth surface samples and the scene's surface: points
+  sampled by area on the extracted mesh for mesh scenes (``extract_mesh()``, the DMTet fine
+  stage), iso-level crossings of the density on a grid for density scenes (``density(points)``,
+  the NeRF); others are noted and skipped. The path is chosen by what the scene can do.
 
-It writes ``<run>/eval/eval.json``, ``eval.md`` (stage x metric table) and
-``contact_sheet.png`` (per stage: the renders with the classifier's caption beneath each, then
-the ground truth). A prompt outside the toy world gets classifier captions only.
+Resolution: by default the classifier's images are rendered at ``classify_size`` and the IoU
+images at ``iou_size`` (cheap on CPU). ``EvalOptions.resolution`` (CLI ``--resolution 512``)
+renders every view once at that size for IoU and the contact sheet, and gives the classifier
+the same renders area-averaged down to ``classify_size``: the fine stage's detail lives at
+512² (its training resolution), and both stages of a comparison are then judged from the
+same pixels.
+
+It writes ``<run>/eval/eval.json``, ``eval.md`` (stage x metric table, and for a stage that
+started from another evaluated stage -- the fine stage of ``coarse_to_fine`` -- a side-by-side
+table with the difference ``stage - source`` per metric) and ``contact_sheet.png`` (the ground
+truth, then per stage the renders with the classifier's caption beneath each, same view per
+column). A prompt outside the toy world gets classifier captions only.
 
 ``aggregate_runs(folder)``: evaluates (or reuses) every run under a folder and averages the
-metrics per stage over prompts. ``evaluate_prior(pipeline)``: samples a pixel prior on toy
-captions (DDIM, classifier-free guidance) and classifies the samples.
+metrics per stage over prompts, and the paired differences (e.g. fine - coarse) over runs.
+``evaluate_prior(pipeline)``: samples a pixel prior on toy captions (DDIM, classifier-free
+guidance) and classifies the samples.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import itertools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +55,13 @@ from magic3d.eval.classifier import DEFAULT_FOLDER, Prediction, ToyWorldClassifi
 from magic3d.eval.metrics import (
     PromptOutsideToyWorld,
     ToyPrompt,
+    area_downsample,
     caption_hits,
     chamfer_distance,
     colour_accuracy,
     density_surface_points,
     janus_rate,
+    mesh_surface_points,
     parse_prompt,
     r_precision,
     shape_accuracy,
@@ -82,9 +96,20 @@ METRIC_TITLES = {
 }
 
 
+# render_chunk counts cameras per scene.render call at this many pixels or fewer; larger
+# renders get proportionally fewer cameras per call (a NeRF's memory grows with rays).
+_CHUNK_REFERENCE_PIXELS = 128 * 128
+
+
 @dataclass
 class EvalOptions:
-    """Cameras, resolutions and geometry sampling of an evaluation (recorded in eval.json)."""
+    """Cameras, resolutions and geometry sampling of an evaluation (recorded in eval.json).
+
+    ``resolution`` None: the classifier's views are rendered at ``classify_size`` and the IoU /
+    contact-sheet views at ``iou_size``. ``resolution`` N: one render per view at N x N for
+    IoU and the sheet, area-averaged down to ``classify_size`` for the classifier
+    (``iou_size`` is then unused).
+    """
 
     views: int = 16
     elevation_deg: float = 20.0
@@ -94,10 +119,11 @@ class EvalOptions:
     iou_size: int = 128
     ambient: float = 0.5
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)  # neutral backdrop for the classifier
-    chamfer_resolution: int = 96
+    chamfer_resolution: int = 96  # density grid (density scenes; mesh scenes sample their mesh)
     chamfer_points: int = 5000
-    render_chunk: int = 4  # cameras per scene.render call (bounds memory at 1024 samples/ray)
+    render_chunk: int = 4  # cameras per scene.render call at <= 128^2 (bounds memory at 1024 samples/ray)
     seed: int = 0
+    resolution: int | None = None
 
     def __post_init__(self) -> None:
         self.background = tuple(float(c) for c in self.background)
@@ -105,6 +131,23 @@ class EvalOptions:
             raise ValueError(f"views={self.views} must be >= 1")
         if self.classify_size < 8 or self.iou_size < 8:
             raise ValueError(f"classify_size={self.classify_size} and iou_size={self.iou_size} must be >= 8")
+        if self.resolution is not None and self.resolution < self.classify_size:
+            raise ValueError(
+                f"resolution={self.resolution} must be >= classify_size={self.classify_size} "
+                "(the classifier's images are area-averaged down from it), e.g. 512"
+            )
+
+    @property
+    def render_size(self) -> int:
+        """Side of the views used for IoU and the contact sheet."""
+        return self.iou_size if self.resolution is None else self.resolution
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "EvalOptions":
+        """Options recorded in an eval.json (keys this version does not know are ignored;
+        missing ones, from older files, take their defaults)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -136,8 +179,10 @@ def render_object(scene: Any, cameras: CameraBatch, options: EvalOptions) -> Sce
     cameras = cameras.to(device)
     backdrop = torch.tensor(options.background, device=device)
     rgbs, opacities = [], []
-    for start in range(0, cameras.batch_size, options.render_chunk):
-        batch = cameras[start : start + options.render_chunk]
+    pixels = cameras.height * cameras.width
+    per_call = max(1, options.render_chunk * _CHUNK_REFERENCE_PIXELS // max(pixels, _CHUNK_REFERENCE_PIXELS))
+    for start in range(0, cameras.batch_size, per_call):
+        batch = cameras[start : start + per_call]
         shading = Shading(mode="lambertian", ambient=torch.full((batch.batch_size,), options.ambient, device=device))
         out = scene.render(batch, shading)
         opacity = out.opacity.clamp(0.0, 1.0)
@@ -146,6 +191,13 @@ def render_object(scene: Any, cameras: CameraBatch, options: EvalOptions) -> Sce
         rgbs.append((foreground + (1.0 - opacity) * backdrop).clamp(0.0, 1.0).float().cpu())
         opacities.append(opacity.float().cpu())
     return SceneViews(torch.cat(rgbs), torch.cat(opacities))
+
+
+def empty_views(cameras: CameraBatch, options: EvalOptions) -> SceneViews:
+    """What an empty scene shows: the neutral backdrop everywhere, zero opacity."""
+    b, h, w = cameras.batch_size, cameras.height, cameras.width
+    backdrop = torch.tensor(options.background, dtype=torch.float32)
+    return SceneViews(backdrop.expand(b, h, w, 3).clone(), torch.zeros(b, h, w, 1))
 
 
 def eval_cameras(options: EvalOptions, size: int) -> CameraBatch:
@@ -178,12 +230,15 @@ class StageResult:
     views: list[ViewResult]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    scene: str | None = None  # class name of the evaluated scene (HashGridNeRF, DMTetScene, ...)
+    started_from: str | None = None  # the stage this one was initialised from (its config's start)
+    render_size: int | None = None  # side of the renders behind IoU and the sheet
     # Pictures for the contact sheet (not written to JSON).
     renders: Tensor | None = None
     ground_truth: Tensor | None = None
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = asdict(replace(self, renders=None, ground_truth=None))  # no deep copy of the pictures
         data.pop("renders")
         data.pop("ground_truth")
         return data
@@ -204,6 +259,24 @@ def stage_prompt(stage_dir: Path) -> str:
     return str(prompt)
 
 
+def stage_source(stage_dir: Path) -> str | None:
+    """The sibling stage this stage started from (warm start or conversion), else None.
+
+    Read from the stage config's ``start.checkpoint`` (``<run>/<source>/checkpoints/last.ckpt``,
+    written by the recipe runner), so a comparison needs no knowledge of recipe or stage names.
+    """
+    from magic3d.config import load_yaml
+
+    config_file = stage_dir / "config.yaml"
+    if not config_file.is_file():
+        return None
+    checkpoint = (load_yaml(config_file).get("start") or {}).get("checkpoint")
+    if not checkpoint:
+        return None
+    source = Path(checkpoint).parent.parent  # <source stage>/checkpoints/last.ckpt
+    return source.name if source.name and source.name != stage_dir.name else None
+
+
 def _classifier_index(names: tuple[str, ...], name: str, what: str) -> int:
     if name not in names:
         raise ValueError(
@@ -220,7 +293,11 @@ def evaluate_scene(
     options: EvalOptions = EvalOptions(),
     stage: str = "scene",
 ) -> StageResult:
-    """All metrics for one scene and prompt (see the module docstring)."""
+    """All metrics for one scene and prompt (see the module docstring).
+
+    Mesh scenes (``extract_mesh()``) whose surface is empty are scored as empty: backdrop-only
+    renders, IoU 0 where the ground truth has a silhouette, no Chamfer distance (noted).
+    """
     started = time.time()
     notes: list[str] = []
     try:
@@ -229,9 +306,25 @@ def evaluate_scene(
         target = None
         notes.append(f"{err}; only the classifier's captions are reported")
 
+    is_mesh_scene = callable(getattr(scene, "extract_mesh", None))
+    mesh = _scene_mesh(scene, notes) if is_mesh_scene else None
+
+    def render(cameras: CameraBatch) -> SceneViews:
+        if is_mesh_scene and mesh is None:
+            return empty_views(cameras, options)
+        return render_object(scene, cameras, options)
+
+    # `small`: the classifier's cameras (also the view labels); `large`: IoU and the sheet.
     small = eval_cameras(options, options.classify_size)
-    views = render_object(scene, small, options)
-    prediction = classifier.predict(views.object_rgb)
+    large = eval_cameras(options, options.render_size)
+    big = render(large)
+    if options.resolution is None:
+        classify_rgb = render(small).object_rgb
+    else:
+        # Same poses, more pixels: the classifier sees the high-resolution render box-filtered
+        # to its input size, i.e. what a 64 px camera integrating each pixel would see.
+        classify_rgb = area_downsample(big.object_rgb, options.classify_size)
+    prediction = classifier.predict(classify_rgb)
     cam_views = view_index(small.elevation, small.azimuth)
     shapes, colours = top_captions(prediction)
     predicted = [caption(classifier.shape_names[s], classifier.colour_names[c]) for s, c in zip(shapes.tolist(), colours.tolist())]
@@ -241,8 +334,6 @@ def evaluate_scene(
     hits: list[bool | None] = [None] * options.views
     ious: list[float | None] = [None] * options.views
     chamfer_detail = None
-    large = eval_cameras(options, options.iou_size)
-    big = render_object(scene, large, options)
     gt_rgb = None
 
     if target is not None:
@@ -267,16 +358,23 @@ def evaluate_scene(
         per_view_iou = silhouette_iou(big.opacity, gt.mask.cpu())
         ious = per_view_iou.tolist()
         metrics["silhouette_iou"] = float(per_view_iou.mean())
-        # The classifier on the ground truth at the same cameras: the ceiling of R-precision.
-        gt_small = ground_truth_views(shape, target.colour, small.to(device), shading, background=options.background)
-        metrics["gt_r_precision"] = r_precision(classifier.predict(gt_small.rgb), shape_id, colour_id)
-
-        if callable(getattr(scene, "density", None)):
-            chamfer_detail = _chamfer(scene, shape, options, notes)
-            if chamfer_detail is not None:
-                metrics["chamfer"] = chamfer_detail["distance"]
+        # The classifier on the ground truth at the same cameras, through the same image path
+        # as the scene's renders: the ceiling of R-precision.
+        if options.resolution is None:
+            gt_small = ground_truth_views(shape, target.colour, small.to(device), shading, background=options.background).rgb
         else:
-            notes.append(f"{type(scene).__name__} has no density(points): Chamfer distance skipped")
+            gt_small = area_downsample(gt_rgb, options.classify_size)
+        metrics["gt_r_precision"] = r_precision(classifier.predict(gt_small), shape_id, colour_id)
+
+        if is_mesh_scene:
+            if mesh is not None:
+                chamfer_detail = _mesh_chamfer(mesh, shape, options, notes)
+        elif callable(getattr(scene, "density", None)):
+            chamfer_detail = _density_chamfer(scene, shape, options, notes)
+        else:
+            notes.append(f"{type(scene).__name__} has neither extract_mesh() nor density(points): Chamfer distance skipped")
+        if chamfer_detail is not None:
+            metrics["chamfer"] = chamfer_detail["distance"]
 
     view_results = [
         ViewResult(
@@ -299,12 +397,48 @@ def evaluate_scene(
         views=view_results,
         notes=notes,
         seconds=round(time.time() - started, 2),
+        scene=type(scene).__name__,
+        render_size=options.render_size,
         renders=big.object_rgb,
         ground_truth=gt_rgb,
     )
 
 
-def _chamfer(scene: Any, shape: Any, options: EvalOptions, notes: list[str]) -> dict[str, float] | None:
+@torch.no_grad()
+def _scene_mesh(scene: Any, notes: list[str]) -> Any | None:
+    """The mesh scene's current surface, or None (with a note) when it is empty."""
+    try:
+        mesh = scene.extract_mesh()
+    except ValueError as err:  # DMTetScene: the SDF has no zero crossing
+        notes.append(f"empty surface, scored as an empty scene: {err}")
+        return None
+    if mesh.faces.shape[0] == 0:
+        notes.append("empty surface (no faces), scored as an empty scene")
+        return None
+    return mesh
+
+
+def _mesh_chamfer(mesh: Any, shape: Any, options: EvalOptions, notes: list[str]) -> dict[str, float] | None:
+    generator = torch.Generator().manual_seed(options.seed)
+    surface = mesh_surface_points(mesh.vertices, mesh.faces, options.chamfer_points, generator=generator)
+    if surface.points.shape[0] == 0:
+        notes.append("the mesh has no area (degenerate faces only): Chamfer distance skipped")
+        return None
+    gt_points = surface_points(shape, options.chamfer_points, torch.Generator().manual_seed(options.seed))
+    result = chamfer_distance(gt_points, surface.points)
+    return {
+        "distance": result.distance,
+        "gt_to_pred": result.gt_to_pred,
+        "pred_to_gt": result.pred_to_gt,
+        "source": "mesh",
+        "surface_area": surface.area,
+        "n_vertices": surface.n_vertices,
+        "n_faces": surface.n_faces,
+        "n_points": int(surface.points.shape[0]),
+    }
+
+
+def _density_chamfer(scene: Any, shape: Any, options: EvalOptions, notes: list[str]) -> dict[str, float] | None:
     device = _scene_device(scene)
     radius = float(getattr(scene, "radius", 1.0))
     generator = torch.Generator().manual_seed(options.seed)
@@ -323,6 +457,7 @@ def _chamfer(scene: Any, shape: Any, options: EvalOptions, notes: list[str]) -> 
         "distance": result.distance,
         "gt_to_pred": result.gt_to_pred,
         "pred_to_gt": result.pred_to_gt,
+        "source": "density",
         "density_threshold": surface.threshold,
         "occupied_fraction": surface.occupied_fraction,
         "voxel_size": surface.voxel_size,
@@ -339,6 +474,7 @@ def evaluate_stage(
     prompt = stage_prompt(stage_dir)
     scene = load_stage_scene(stage_dir, device)
     result = evaluate_scene(scene, prompt, classifier, options, stage=stage_dir.name)
+    result.started_from = stage_source(stage_dir)
     result.finished = summary is not None
     if summary is not None:
         result.steps = summary.get("steps")
@@ -361,6 +497,37 @@ class RunEval:
     json_path: Path
     markdown_path: Path
     sheet_path: Path
+    comparisons: list["StageComparison"] = field(default_factory=list)
+
+
+@dataclass
+class StageComparison:
+    """A stage against the stage it started from (fine vs coarse), at the same cameras and
+    resolution: ``difference[key] = stage - baseline`` (None where either value is None)."""
+
+    stage: str
+    baseline: str
+    difference: dict[str, float | None]
+
+
+def metric_difference(
+    stage: dict[str, float | None], baseline: dict[str, float | None]
+) -> dict[str, float | None]:
+    """``stage - baseline`` for every metric key (None where either side has no value)."""
+    return {
+        key: None if stage.get(key) is None or baseline.get(key) is None else float(stage[key]) - float(baseline[key])
+        for key in METRIC_KEYS
+    }
+
+
+def compare_stages(results: list[StageResult]) -> list[StageComparison]:
+    """One comparison per evaluated stage whose ``started_from`` stage was evaluated too."""
+    by_name = {r.stage: r for r in results}
+    return [
+        StageComparison(r.stage, r.started_from, metric_difference(r.metrics, by_name[r.started_from].metrics))
+        for r in results
+        if r.started_from is not None and r.started_from in by_name
+    ]
 
 
 def _stages_to_evaluate(run_dir: Path, stage: str | None) -> list[Path]:
@@ -413,6 +580,7 @@ def evaluate_run(
     for stage_dir in tqdm(_stages_to_evaluate(run_dir, stage), desc=f"eval {run_dir.name}", unit="stage"):
         results.append(evaluate_stage(stage_dir, model, options, dev))
 
+    comparisons = compare_stages(results)
     out = run_dir / EVAL_DIR
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -421,33 +589,67 @@ def evaluate_run(
         "options": asdict(options),
         "classifier": _classifier_info(classifier),
         "stages": [r.to_json() for r in results],
+        "comparisons": [asdict(c) for c in comparisons],
     }
     json_path = out / "eval.json"
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     md_path = out / "eval.md"
     md_path.write_text(run_markdown(run_dir, results, options, report["classifier"]))
     sheet_path = save_contact_sheet(results, out / "contact_sheet.png")
-    return RunEval(str(run_dir), results, json_path, md_path, sheet_path)
+    return RunEval(str(run_dir), results, json_path, md_path, sheet_path, comparisons)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def metrics_table(rows: list[tuple[str, dict[str, float | None]]], first: str, extra: list[str] | None = None) -> str:
+def metrics_table(
+    rows: list[tuple[str, dict[str, float | None]]], first: str, extra: list[str] | None = None, signed: bool = False
+) -> str:
     extra = extra or []
     header = [first, *extra, *(METRIC_TITLES[k] for k in METRIC_KEYS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    fmt = _signed if signed else _fmt
     for name, values in rows:
-        cells = [name, *(str(values.get(e, "")) for e in extra), *(_fmt(values.get(k)) for k in METRIC_KEYS)]
+        cells = [name, *(str(values.get(e, "")) for e in extra), *(fmt(values.get(k)) for k in METRIC_KEYS)]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _settings_line(options: EvalOptions) -> str:
+    if options.resolution is None:
+        pixels = f"classifier at {options.classify_size}px, IoU at {options.iou_size}px"
+    else:
+        pixels = (f"rendered at {options.resolution}² (IoU and sheet), classifier on those renders "
+                  f"area-averaged to {options.classify_size}px")
+    return (
+        f"{options.views} orbit views, elevation {options.elevation_deg:g}°, distance {options.distance:g}, "
+        f"fovy {options.fovy_deg:g}°; {pixels}; Chamfer (scene units) on area samples of the extracted mesh "
+        f"(mesh scenes) or on a {options.chamfer_resolution}³ density grid (density scenes)."
+    )
+
+
+def _signed(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:+.{digits}f}"
+
+
+def comparison_table(
+    stage: str, baseline: str, stage_metrics: dict[str, Any], baseline_metrics: dict[str, Any],
+    difference: dict[str, float | None],
+) -> str:
+    """Metric rows, columns baseline | stage | stage − baseline (arrows in the titles say
+    which sign is an improvement)."""
+    lines = [f"| metric | {baseline} | {stage} | {stage} − {baseline} |", "|---|---|---|---|"]
+    for key in METRIC_KEYS:
+        lines.append(f"| {METRIC_TITLES[key]} | {_fmt(baseline_metrics.get(key))} | {_fmt(stage_metrics.get(key))} "
+                     f"| {_signed(difference.get(key))} |")
     return "\n".join(lines) + "\n"
 
 
 def run_markdown(
     run_dir: Path, results: list[StageResult], options: EvalOptions, classifier: dict[str, Any] | None = None
 ) -> str:
-    rows = [(r.stage, {**r.metrics, "prompt": r.prompt, "steps": r.steps}) for r in results]
+    rows = [(r.stage, {**r.metrics, "prompt": r.prompt, "steps": r.steps, "scene": r.scene or ""}) for r in results]
     accuracy = (classifier or {}).get("heldout_accuracy") or {}
     reference = (
         f" Classifier held-out accuracy on toy renders: shape {accuracy['shape']:.1%}, colour {accuracy['colour']:.1%}."
@@ -455,32 +657,55 @@ def run_markdown(
     )
     text = [
         f"# Evaluation of `{run_dir}`\n",
-        f"{options.views} orbit views, elevation {options.elevation_deg:g}°, distance {options.distance:g}, "
-        f"fovy {options.fovy_deg:g}°; classifier at {options.classify_size}px, IoU at {options.iou_size}px, "
-        f"Chamfer on a {options.chamfer_resolution}³ density grid (scene units).{reference}\n",
-        metrics_table(rows, "stage", ["prompt", "steps"]),
+        f"{_settings_line(options)}{reference}\n",
+        metrics_table(rows, "stage", ["prompt", "steps", "scene"]),
     ]
+    by_name = {r.stage: r for r in results}
+    for comparison in compare_stages(results):
+        stage, baseline = by_name[comparison.stage], by_name[comparison.baseline]
+        text += [
+            f"\n## {comparison.stage} vs {comparison.baseline}\n",
+            f"`{comparison.stage}` started from `{comparison.baseline}`; both rendered with the cameras and "
+            f"resolution above ({options.render_size}²).\n",
+            comparison_table(comparison.stage, comparison.baseline, stage.metrics, baseline.metrics,
+                             comparison.difference),
+        ]
     notes = [f"- **{r.stage}**: {note}" for r in results for note in r.notes]
     if notes:
         text += ["\n## Notes\n", "\n".join(notes) + "\n"]
     return "\n".join(text)
 
 
+def _row_summary(result: StageResult) -> str:
+    m = result.metrics
+    parts = [f"{label} {m[key]:.2f}" for key, label in (("r_precision", "R-prec"), ("silhouette_iou", "IoU"),
+                                                        ("chamfer", "Chamfer")) if m.get(key) is not None]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def save_contact_sheet(results: list[StageResult], path: Path) -> Path:
-    """Per stage: the renders with the predicted caption beneath (green = prompt's), then GT."""
+    """One column per view: the ground truth of each prompt once, then each stage's renders
+    with the predicted caption beneath (green = the prompt's), so stages of a run line up
+    view by view (fine under coarse)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows: list[tuple[str, StageResult, Tensor, bool]] = []
+    gt_shown: set[str] = set()
     for r in results:
+        if r.ground_truth is not None and r.prompt not in gt_shown:
+            gt_shown.add(r.prompt)
+            rows.append((f"ground truth: {r.prompt}", r, r.ground_truth, False))
         if r.renders is not None:
-            rows.append((f"{r.stage}: {r.prompt}", r, r.renders, True))
-        if r.ground_truth is not None:
-            rows.append((f"{r.stage}: ground truth", r, r.ground_truth, False))
+            rows.append((f"{r.stage}: {r.prompt}{_row_summary(r)}", r, r.renders, True))
     n_cols = max((row[2].shape[0] for row in rows), default=1)
-    fig, axes = plt.subplots(max(len(rows), 1), n_cols, figsize=(1.3 * n_cols, 1.65 * max(len(rows), 1)), squeeze=False)
+    n_rows = max(len(rows), 1)
+    # Large enough to see a 512² render's detail (up to 256 px a view at 110 dpi), small at 64-128 px.
+    size = max((row[2].shape[1] for row in rows), default=64)
+    cell = max(1.3, min(size, 256) / 110)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols, (cell + 0.35) * n_rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, (title, result, images, predicted) in enumerate(rows):
@@ -514,6 +739,8 @@ class AggregateEval:
     per_stage: dict[str, dict[str, float | int | None]]
     json_path: Path
     markdown_path: Path
+    # "fine - coarse": mean over runs of the paired per-run differences (and counts "<key>_n").
+    per_comparison: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
 
 
 def find_runs(folder: Path) -> list[Path]:
@@ -529,8 +756,13 @@ def aggregate_runs(
     device: str | torch.device = "auto",
     reevaluate: bool = False,
 ) -> AggregateEval:
-    """Evaluate each run under ``folder`` (reusing its eval.json unless ``reevaluate``) and
-    average every metric per stage over prompts; writes eval_summary.json / .md in ``folder``."""
+    """Evaluate each run under ``folder`` and average every metric per stage over prompts;
+    writes eval_summary.json / .md in ``folder``.
+
+    A run's eval.json is reused unless ``reevaluate`` or it was made with other options (for
+    example at another ``resolution``): averages never mix settings. Runs whose report compares
+    a stage with the stage it started from (fine vs coarse) also give the mean of the paired
+    differences, per comparison."""
     folder = Path(folder)
     runs = find_runs(folder)
     if not runs:
@@ -540,7 +772,9 @@ def aggregate_runs(
     per_run: list[tuple[Path, dict[str, Any]]] = []
     for run in tqdm(runs, desc="runs", unit="run"):
         report_file = run / EVAL_DIR / "eval.json"
-        if reevaluate or not report_file.is_file():
+        if reevaluate or not _reusable(report_file, options):
+            if not reevaluate and report_file.is_file():
+                tqdm.write(f"{run}: eval.json was made with other options; evaluating again")
             model = model or load_classifier(classifier, dev)
             evaluate_run(run, options, classifier=model, device=dev)
         per_run.append((run, json.loads(report_file.read_text())))
@@ -549,14 +783,13 @@ def aggregate_runs(
     for _, report in per_run:
         for stage in report["stages"]:
             grouped.setdefault(stage["stage"], []).append(stage)
-    per_stage: dict[str, dict[str, float | int | None]] = {}
-    for name, entries in grouped.items():
-        summary: dict[str, float | int | None] = {"prompts": len(entries)}
-        for key in METRIC_KEYS:
-            values = [e["metrics"][key] for e in entries if e["metrics"].get(key) is not None]
-            summary[key] = float(np.mean(values)) if values else None
-            summary[f"{key}_n"] = len(values)
-        per_stage[name] = summary
+    per_stage = {name: _mean_metrics([e["metrics"] for e in entries], "prompts") for name, entries in grouped.items()}
+
+    paired: dict[str, list[dict[str, Any]]] = {}
+    for _, report in per_run:
+        for comparison in report.get("comparisons") or []:  # absent in reports of older versions
+            paired.setdefault(f"{comparison['stage']} - {comparison['baseline']}", []).append(comparison["difference"])
+    per_comparison = {name: _mean_metrics(diffs, "runs") for name, diffs in paired.items()}
 
     rows = [
         (f"{Path(run).relative_to(folder) if Path(run) != folder else run.name} / {s['stage']}",
@@ -567,23 +800,62 @@ def aggregate_runs(
     summary_rows = [(name, {**values}) for name, values in per_stage.items()]
     md = [
         f"# Evaluation summary of `{folder}` ({len(per_run)} runs)\n",
+        f"{_settings_line(options)}\n",
         "Means over prompts per stage (Janus rate over asymmetric objects only; `prompts` = runs with the stage).\n",
         metrics_table(summary_rows, "stage", ["prompts"]),
-        "\n## Per run\n",
-        metrics_table(rows, "run / stage", ["prompt"]),
     ]
+    if per_comparison:
+        md += [
+            "\n## Stage differences (paired per run)\n",
+            "Mean over runs of `stage − the stage it started from`, each run compared with itself "
+            "(same prompt, cameras and resolution); `runs` = runs with both stages.\n",
+            metrics_table([(name, {**values}) for name, values in per_comparison.items()], "difference", ["runs"],
+                          signed=True),
+        ]
+    md += ["\n## Per run\n", metrics_table(rows, "run / stage", ["prompt"])]
     json_path = folder / "eval_summary.json"
     md_path = folder / "eval_summary.md"
     json_path.write_text(json.dumps({
         "folder": str(folder),
+        "options": asdict(options),
         "runs": [str(r) for r, _ in per_run],
         "per_stage": per_stage,
+        "per_comparison": per_comparison,
         "per_run": [{"run": str(r), "stages": [
             {"stage": s["stage"], "prompt": s["prompt"], "metrics": s["metrics"]} for s in rep["stages"]
-        ]} for r, rep in per_run],
+        ], "comparisons": rep.get("comparisons") or []} for r, rep in per_run],
     }, indent=2) + "\n")
     md_path.write_text("\n".join(md))
-    return AggregateEval([str(r) for r, _ in per_run], per_stage, json_path, md_path)
+    return AggregateEval([str(r) for r, _ in per_run], per_stage, json_path, md_path, per_comparison)
+
+
+def _reusable(report_file: Path, options: EvalOptions) -> bool:
+    """An eval.json exists and was made with ``options`` (older files: missing keys = defaults)."""
+    if not report_file.is_file():
+        return False
+    try:
+        stored = EvalOptions.from_json(json.loads(report_file.read_text()).get("options") or {})
+    except (ValueError, TypeError):
+        return False
+    return _effective_settings(stored) == _effective_settings(options)
+
+
+def _effective_settings(options: EvalOptions) -> dict[str, Any]:
+    """The options that shape the results (``iou_size`` is unused once ``resolution`` is set)."""
+    settings = asdict(options)
+    if options.resolution is not None:
+        settings.pop("iou_size")
+    return settings
+
+
+def _mean_metrics(entries: list[dict[str, Any]], count_key: str) -> dict[str, float | int | None]:
+    """Mean per metric key over the entries that have a value, with ``<key>_n`` counts."""
+    summary: dict[str, float | int | None] = {count_key: len(entries)}
+    for key in METRIC_KEYS:
+        values = [e[key] for e in entries if e.get(key) is not None]
+        summary[key] = float(np.mean(values)) if values else None
+        summary[f"{key}_n"] = len(values)
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,17 +883,29 @@ class PriorEval:
         return data
 
 
-def load_pixel_pipeline(folder: Path, device: torch.device) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """(unet, text_encoder, tokenizer, scheduler config) of a diffusers pixel-prior folder, fp32."""
+@dataclass
+class PriorPipeline:
+    """The parts of an embedded prior folder that sampling needs (fp32, on one device)."""
+
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    vae: Any = None  # latent priors only
+    scaling_factor: float = 1.0
+
+
+def load_prior_pipeline(folder: Path, device: torch.device) -> PriorPipeline:
+    """A pixel (IF layout) or latent (Stable Diffusion layout: with vae/) prior folder, fp32."""
     import transformers
-    from diffusers import UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer
 
     missing = [p for p in ("unet", "text_encoder", "tokenizer", "scheduler") if not (folder / p).is_dir()]
     if missing:
         raise FileNotFoundError(
-            f"{folder} is not a pixel-prior pipeline folder: no {', '.join(m + '/' for m in missing)} "
-            "(expected unet/, text_encoder/, tokenizer/, scheduler/ as written by python -m magic3d.priors)"
+            f"{folder} is not a prior pipeline folder: no {', '.join(m + '/' for m in missing)} "
+            "(expected unet/, text_encoder/, tokenizer/, scheduler/ [, vae/] as written by python -m magic3d.priors)"
         )
     index_file = folder / "model_index.json"
     encoder_class = "T5EncoderModel"
@@ -631,7 +915,12 @@ def load_pixel_pipeline(folder: Path, device: torch.device) -> tuple[Any, Any, A
     text_encoder = getattr(transformers, encoder_class).from_pretrained(folder / "text_encoder", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
-    return unet, text_encoder.to(device).eval(), tokenizer, json.loads(scheduler_file.read_text())
+    vae, scaling = None, 1.0
+    if (folder / "vae").is_dir():
+        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device).eval()
+        scaling = float(vae.config.scaling_factor)
+    return PriorPipeline(unet, text_encoder.to(device).eval(), tokenizer, json.loads(scheduler_file.read_text()),
+                         vae, scaling)
 
 
 def prior_captions(
@@ -664,8 +953,9 @@ def evaluate_prior(
 ) -> PriorEval:
     """Sample the prior (DDIM, CFG against "") on toy captions and classify the samples.
 
-    Empty ``shapes`` / ``colours`` mean all of them. Samples smaller than the classifier's
-    input (the tiny test pipeline is 32x32) are upsampled by the classifier.
+    Works for pixel and latent priors (latents decoded by the prior's VAE). Empty ``shapes`` /
+    ``colours`` mean all of them. Samples of another size than the classifier's input (the
+    tiny test pipeline is 32x32, the latent prior 256x256) are resized by the classifier.
     """
     from magic3d.priors.train import ddim_sample  # the priors' own sampler and text path
 
@@ -675,15 +965,16 @@ def evaluate_prior(
     folder = Path(pipeline_folder)
     dev = resolve_device(device)
     model = load_classifier(classifier, dev)
-    unet, text_encoder, tokenizer, scheduler_config = load_pixel_pipeline(folder, dev)
+    pipe = load_prior_pipeline(folder, dev)
     shapes = tuple(shapes) or SHAPE_NAMES
     colours = tuple(colours) or COLOUR_NAMES
     captions, labels = prior_captions(shapes, colours, n_per_caption)
 
     images = []
     for k, start in enumerate(tqdm(range(0, len(captions), batch_size), desc="prior samples", unit="batch")):
-        batch = ddim_sample(unet, text_encoder, tokenizer, scheduler_config, captions[start : start + batch_size],
-                            steps, guidance_scale, seed=seed + k)
+        batch = ddim_sample(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler_config,
+                            captions[start : start + batch_size], steps, guidance_scale, seed=seed + k,
+                            vae=pipe.vae, scaling_factor=pipe.scaling_factor)
         images.append(batch.float() / 255.0)
     samples = torch.cat(images)
     prediction: Prediction = model.predict(samples)

@@ -4,7 +4,8 @@
 - Classifier metrics on rendered views: R-precision over every toy-world caption, shape and
   colour accuracy, view accuracy, Janus rate (back views that look like front views).
 - Geometry: silhouette IoU against ground-truth masks, Chamfer distance between ground-truth
-  surface samples and the surface of a density field.
+  surface samples and the surface of a density field (NeRF) or of a triangle mesh (DMTet).
+- Images: area-average downsampling (high-resolution renders to the classifier's input).
 """
 
 from __future__ import annotations
@@ -281,3 +282,71 @@ def density_surface_points(
     if points.shape[0] > n_points:
         points = points[torch.randperm(points.shape[0], generator=generator)[:n_points]]
     return DensitySurface(points, threshold, float((grid > threshold).float().mean()), h)
+
+
+@dataclass
+class MeshSurface:
+    points: Float[Tensor, "N 3"]  # area-uniform samples on the triangles, CPU
+    area: float  # total surface area (scene units squared)
+    n_vertices: int
+    n_faces: int
+
+
+@torch.no_grad()
+def mesh_surface_points(
+    vertices: Float[Tensor, "V 3"],
+    faces: Int[Tensor, "F 3"],
+    n_points: int = 5000,
+    generator: torch.Generator | None = None,
+) -> MeshSurface:
+    """``n_points`` samples uniform by area on a triangle mesh (for Chamfer distances).
+
+    A face is drawn with probability proportional to its area, then a point uniform inside it
+    with the square-root barycentric map (u = 1 - sqrt(r1), v = sqrt(r1) (1 - r2)), so every
+    unit of surface gets the same expected number of points, as ``surface_points`` gives the
+    ground truth. Degenerate (zero-area) faces are never drawn. Runs on CPU in float64 (a
+    few thousand points; the area weights of tiny faces stay exact). No faces (or zero total
+    area) give no points.
+    """
+    if n_points < 1:
+        raise ValueError(f"n_points={n_points} must be >= 1")
+    v = vertices.detach().to("cpu", torch.float64)
+    f = faces.detach().to("cpu", torch.long)
+    corners = v[f]  # (F, 3, 3)
+    area = 0.5 * torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]).norm(dim=-1)
+    total = float(area.sum()) if f.shape[0] else 0.0
+    if total <= 0.0:
+        return MeshSurface(v.new_zeros(0, 3).float(), 0.0, int(v.shape[0]), int(f.shape[0]))
+    chosen = torch.multinomial(area, n_points, replacement=True, generator=generator)
+    r1, r2 = torch.rand(2, n_points, generator=generator, dtype=torch.float64)
+    s = r1.sqrt()
+    u, w = 1.0 - s, s * (1.0 - r2)  # weights of corners 0 and 1; corner 2 gets the rest
+    tri = corners[chosen]
+    points = u[:, None] * tri[:, 0] + w[:, None] * tri[:, 1] + (1.0 - u - w)[:, None] * tri[:, 2]
+    return MeshSurface(points.float(), total, int(v.shape[0]), int(f.shape[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def area_downsample(images: Float[Tensor, "B H W C"], size: int) -> Float[Tensor, "B h w C"]:
+    """Box-filter channel-last images down to ``size`` x ``size`` (identity at that size).
+
+    Each output pixel is the mean of the input pixels it covers (``F.interpolate`` "area" =
+    adaptive average pooling; exact box averages when the size divides the input): the
+    picture a camera integrating light over the larger pixel would take, i.e. a render at
+    ``size`` with many samples per pixel. Bilinear resampling (even antialiased) weights
+    pixels by a tent instead and blurs across block edges; plain subsampling aliases thin
+    high-resolution detail away or into jaggies.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, H, W, C) channel-last, got {tuple(images.shape)}")
+    h, w = images.shape[1:3]
+    if size > min(h, w):
+        raise ValueError(f"area_downsample: size={size} is larger than the {h}x{w} images (it only shrinks)")
+    if (h, w) == (size, size):
+        return images
+    x = images.permute(0, 3, 1, 2).float()
+    return F.interpolate(x, size=(size, size), mode="area").permute(0, 2, 3, 1).contiguous()

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from magic3d.data.cameras import VIEW_NAMES, view_suffix
+from magic3d.distributed import rank_zero_first
 
 VIEW_SUFFIXES: tuple[str, ...] = tuple(view_suffix(i) for i in range(len(VIEW_NAMES)))
 _CACHE_FORMAT = "magic3d-text-embeddings-v1"
@@ -163,25 +164,25 @@ def load_or_compute_prompt_embeddings(
     """Embeddings from the disk cache, or computed with ``load_encoder()`` and cached.
 
     ``load_encoder`` returns (tokenizer, text_encoder) already on ``device``; it is called
-    only on a cache miss, and the encoder is released before returning.
+    only on a cache miss, and the encoder is released before returning. Under DDP, rank 0
+    fills the cache while the other ranks wait, so the encoder is loaded once, not per GPU.
     """
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     key = cache_key(model_id, encoder_fingerprint, prompt, negative_prompt, max_length)
     path = folder / f"{key}.safetensors"
-    if path.is_file():
-        tensors = load_file(str(path))
-        return PromptEmbeddings(tensors["base"], tensors["views"], tensors["uncond"]).to(device)
-
-    tokenizer, text_encoder = load_encoder()
-    embeddings = compute_prompt_embeddings(tokenizer, text_encoder, prompt, negative_prompt, max_length)
-    del tokenizer, text_encoder
-    release_text_encoder(device)
-    save_prompt_embeddings(
-        path,
-        embeddings,
-        metadata={"model": model_id, "prompt": prompt, "negative_prompt": negative_prompt},
-    )
-    return embeddings.to(device)
+    with rank_zero_first():
+        if not path.is_file():  # on rank 0, or on a node that does not share the cache folder
+            tokenizer, text_encoder = load_encoder()
+            embeddings = compute_prompt_embeddings(tokenizer, text_encoder, prompt, negative_prompt, max_length)
+            del tokenizer, text_encoder
+            release_text_encoder(device)
+            save_prompt_embeddings(
+                path,
+                embeddings,
+                metadata={"model": model_id, "prompt": prompt, "negative_prompt": negative_prompt},
+            )
+    tensors = load_file(str(path))
+    return PromptEmbeddings(tensors["base"], tensors["views"], tensors["uncond"]).to(device)
 
 
 def save_prompt_embeddings(path: Path, embeddings: PromptEmbeddings, metadata: dict[str, str]) -> None:

@@ -271,7 +271,10 @@ class HashGridNeRF(Scene):
     @torch.no_grad()
     def update_step(self, step: int) -> None:
         if self.occupancy is not None and step % self.grid_update_every == 0:
-            self.occupancy.update(self.density, step)
+            # Jitter and cell picks seeded by the step alone: DDP ranks hold the same weights,
+            # so they compute the same grid without sending it (and a resumed run repeats it).
+            generator = torch.Generator(self.occupancy.density.device).manual_seed(step)
+            self.occupancy.update(self.density, step, generator=generator)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         network = list(self.density_albedo_head.parameters())
