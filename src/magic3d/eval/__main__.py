@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_views(prompts)
     _add_common(prompts)
 
-    prior = commands.add_parser("prior", help="sample a pixel prior on toy captions and classify the samples")
+    prior = commands.add_parser("prior", help="sample a pixel or latent prior on toy captions and classify the samples")
     prior.add_argument("pipeline", type=Path)
     prior.add_argument("--n-per-caption", type=int, default=8)
     prior.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Text-to-3D evaluation on the GPU with the embedded priors, in one call: the coarse recipe on
+# 12 toy-world prompts (6 asymmetric) in parallel streams, plus one coarse_to_fine run, then
+# `magic3d.eval prompts` (coarse runs) and `magic3d.eval run --resolution 512` (two-stage run).
+# Results travel back as one tar. Usage: bash scripts/gpu_eval_prompts.sh [coarse steps] [fine steps]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}; mkdir -p "$OUT"
+STEPS=${1:-800}; FINE_STEPS=${2:-300}; STREAMS=${STREAMS:-6}
+if [ -d .whl ] && ! python3 -c "import diffusers, jsonargparse" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
+export MAGIC3D_CACHE=/tmp/magic3d_cache
+nvidia-smi --query-gpu=name --format=csv,noheader
+PROMPTS=("a red cube" "a blue sphere" "a green cylinder" "a yellow cone" "a purple torus" "an orange pyramid"
+         "a white house" "a pink mug" "a cyan chair" "a brown duck" "a red car" "a blue snowman")
+COARSE=(trainer.max_steps=$STEPS data.batch_size=8 data.steps_per_epoch=$((STEPS / 2))
+        model.scene.init_args.n_samples_per_ray=512 model.scene.init_args.grid_resolution=128
+        model.orientation_ramp_steps=$STEPS model.albedo_only_steps=$((STEPS / 10))
+        run.checkpoint_every=$STEPS run.video_views=24)
+start=$(date +%s)
+mkdir -p /tmp/runs /tmp/c2f /tmp/logs
+# The two-stage run first: it is the longest.
+timeout 480 python3 -m magic3d run coarse_to_fine --prompt "a red car" --run /tmp/c2f/a-red-car \
+    "${COARSE[@]/#/coarse:}" fine:trainer.max_steps=$FINE_STEPS fine:data.batch_size=8 \
+    fine:data.steps_per_epoch=$((FINE_STEPS / 2)) fine:run.checkpoint_every=$FINE_STEPS fine:run.video_views=24 \
+    > /tmp/logs/c2f.log 2>&1 &
+run_stream() {
+    local i
+    for ((i = $1; i < ${#PROMPTS[@]}; i += STREAMS)); do
+        local p=${PROMPTS[$i]} slug=${PROMPTS[$i]// /-}
+        timeout 300 python3 -m magic3d run coarse_only --prompt "$p" --run "/tmp/runs/$slug" "${COARSE[@]}" \
+            > "/tmp/logs/$slug.log" 2>&1
+        echo "$p: exit $? after $(( $(date +%s) - start )) s, $(grep -o '"seconds_per_step": [0-9.]*' /tmp/runs/$slug/coarse/DONE.json 2>/dev/null)"
+    done
+}
+for ((s = 0; s < STREAMS; s++)); do run_stream $s & done
+wait
+echo "runs done after $(( $(date +%s) - start )) s"
+tail -3 /tmp/logs/c2f.log
+python3 -m magic3d.eval prompts /tmp/runs > /tmp/logs/eval_prompts.log 2>&1; echo "eval prompts: exit $?"
+python3 -m magic3d.eval run /tmp/c2f/a-red-car --resolution 512 > /tmp/logs/eval_c2f.log 2>&1; echo "eval c2f: exit $?"
+echo "all done after $(( $(date +%s) - start )) s"
+mkdir -p /tmp/pack
+cp -r /tmp/logs /tmp/pack/
+for d in /tmp/runs/* /tmp/c2f/*; do
+    n=$(basename "$d"); mkdir -p "/tmp/pack/$n"
+    cp -r "$d/eval" "/tmp/pack/$n/" 2>/dev/null
+    for st in coarse fine; do
+        [ -d "$d/$st" ] || continue
+        mkdir -p "/tmp/pack/$n/$st"
+        cp "$d/$st/DONE.json" "/tmp/pack/$n/$st/" 2>/dev/null
+        cp "$(ls $d/$st/val/*.png 2>/dev/null | tail -1)" "/tmp/pack/$n/$st/val_last.png" 2>/dev/null
+    done
+done
+cp /tmp/runs/eval_summary.* /tmp/pack/ 2>/dev/null
+cp /tmp/c2f/a-red-car/fine/turntable.mp4 /tmp/pack/c2f_fine_turntable.mp4 2>/dev/null
+tar -cf "$OUT/eval_pack.tar" -C /tmp/pack .
+cat /tmp/runs/eval_summary.md 2>/dev/null | head -40
+grep -A8 "fine vs coarse" /tmp/c2f/a-red-car/eval/eval.md 2>/dev/null
+ls -la "$OUT"
