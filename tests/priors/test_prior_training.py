@@ -197,7 +197,9 @@ def test_shipped_config_trains_resumes_and_exports_on_gpu(kind: str, tmp_path: P
     first = train_prior(kind, out, config=config, device="cuda", max_steps=10, log=logs.append)
     assert all(step == 10 for step in first.steps.values())
     resumed = train_prior(kind, out, device="cuda", max_steps=20, resume=True, log=logs.append)
-    assert all(step == 20 for step in resumed.steps.values())
+    # The VAE is frozen once the UNet has trained on its latents, so only the UNet continues.
+    expected = {"vae": 10, "unet": 20} if kind == "latent" else {"unet": 20}
+    assert resumed.steps == expected
     assert any("images/s" in line for line in logs)  # render throughput is reported
     state = load_state(default_state_path(out, kind))
     for phase in state["phases"].values():
