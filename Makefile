@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.magic3d-installed
 
-recipe ?= coarse_only
+recipe ?= coarse_to_fine
 seed ?= 0
 profile ?= auto
 overrides ?=
