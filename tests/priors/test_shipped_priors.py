@@ -10,6 +10,7 @@ import torch
 from magic3d.data.cameras import orbit_cameras
 from magic3d.eval.classifier import ToyWorldClassifier
 from magic3d.eval.metrics import parse_prompt, r_precision
+from magic3d.guidance.latent_sds import LatentSDS
 from magic3d.guidance.pixel_sds import PixelSDS
 from magic3d.toyworld.dataset import ground_truth_views
 
@@ -28,6 +29,20 @@ def test_pixel_prior_gives_finite_sds_gradients_offline(tmp_path: Path) -> None:
     assert guidance.state_dict() == {} or all(not k.startswith("unet") for k in guidance.state_dict())
     total_mb = sum(p.stat().st_size for p in (PRIORS / "pixel").rglob("*.safetensors")) / 1e6
     assert total_mb <= 14.0, "the pixel prior's share of the 24 MB repository budget"
+
+
+def test_latent_prior_gives_finite_sds_gradients_through_its_vae_offline(tmp_path: Path) -> None:
+    guidance = LatentSDS(str(PRIORS / "latent"), cache_dir=str(tmp_path))
+    guidance.setup("a red cube", "cpu")
+    cameras = orbit_cameras(n_views=1, elevation_deg=15.0, distance=2.0, fovy_deg=40.0, height=64, width=64)
+    rgb = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out = guidance.step(rgb, cameras, progress=0.5)  # resized to the prior's 256 px, encoded with grad
+    out.loss.backward()
+    assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
+    assert not out.skipped
+    sizes = {kind: sum(p.stat().st_size for p in (PRIORS / kind).rglob("*.safetensors")) / 1e6
+             for kind in ("pixel", "latent")}
+    assert sizes["latent"] <= 10.0 and sum(sizes.values()) <= 24.0, f"repository budget for priors: {sizes}"
 
 
 @pytest.mark.parametrize("prompt", ["a red cube", "an orange duck", "a blue house"])

@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     prior.add_argument("--shapes", nargs="*", default=(), help="subset of shapes (default all)")
     prior.add_argument("--colours", nargs="*", default=(), help="subset of colours (default all)")
     prior.add_argument("--batch-size", type=int, default=256)
+    prior.add_argument("--update-card", action="store_true",
+                       help="write the figures into the Quality section of <pipeline>/README.md")
     prior.add_argument("--seed", type=int, default=0)
     prior.add_argument("--out", type=Path, default=None, help="report folder (default <pipeline>/eval)")
     _add_common(prior)
@@ -97,7 +99,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         train_classifier(args.out, args.minutes, args.smoke, args.device, args.seed, args.max_steps, config)
         return 0
 
-    from magic3d.eval.evaluate import EvalOptions, aggregate_runs, evaluate_prior, evaluate_run, write_prior_report
+    from magic3d.eval.evaluate import (
+        EvalOptions,
+        aggregate_runs,
+        evaluate_prior,
+        evaluate_run,
+        prior_quality_markdown,
+        write_prior_report,
+    )
 
     if args.command == "prior":
         result = evaluate_prior(args.pipeline, args.n_per_caption, args.steps, args.guidance_scale, args.classifier,
@@ -105,6 +114,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         json_path, md_path, _ = write_prior_report(result, args.out or args.pipeline / "eval")
         print(md_path.read_text())
         print(f"wrote {json_path}")
+        card = args.pipeline / "README.md"
+        if args.update_card and card.is_file():
+            from magic3d.priors.card import fill_quality_section
+
+            section = prior_quality_markdown(result, md_path)
+            print(f"{'updated' if fill_quality_section(card, section) else 'no quality marker in'} {card}")
         return 0
 
     if args.resolution is not None and args.iou_size is not None and args.iou_size != args.resolution:

@@ -1003,6 +1003,32 @@ def evaluate_prior(
     )
 
 
+def prior_quality_markdown(result: PriorEval | dict[str, Any], report: Path | str | None = None) -> str:
+    """The model card's Quality section from a prior evaluation (object or its JSON)."""
+    data = result.to_json() if isinstance(result, PriorEval) else result
+    s = data["settings"]
+    held = s.get("classifier", {}).get("heldout_accuracy", {})
+    ceiling = f" (the evaluator's own held-out accuracy: shape {held['shape']:.3f}, colour {held['colour']:.3f})" if held else ""
+    worst = sorted(data["per_shape_accuracy"].items(), key=lambda kv: kv[1])[:3]
+    lines = [
+        f"Toy-world evaluator on {data['n_images']} DDIM samples ({s['steps']} steps, guidance "
+        f"{s['guidance_scale']:g}, {s['n_per_caption']} per caption over every shape and colour, view "
+        f"suffixes cycling {', '.join(VIEW_NAMES)}){ceiling}. Targets (issue 3): shape and colour "
+        "accuracy >= 0.90, view >= 0.80 on asymmetric objects.",
+        "",
+        "| shape acc | colour acc | caption acc | view acc (asymmetric) |",
+        "|---|---|---|---|",
+        f"| {_fmt(data['shape_accuracy'])} | {_fmt(data['colour_accuracy'])} | {_fmt(data['caption_accuracy'])} "
+        f"| {_fmt(data['view_accuracy_asymmetric'])} |",
+        "",
+        "Per colour: " + ", ".join(f"{k} {v:.2f}" for k, v in data["per_colour_accuracy"].items()) + ".",
+        "Hardest shapes: " + ", ".join(f"{k} {v:.2f}" for k, v in worst) + ".",
+    ]
+    if report is not None:
+        lines += ["", f"Report: `{report}` (reproduce with `python -m magic3d.eval prior <this folder>`)."]
+    return "\n".join(lines)
+
+
 def write_prior_report(result: PriorEval, out: str | Path, max_images: int = 64) -> tuple[Path, Path, Path]:
     """prior_eval.json, prior_eval.md and a sheet of the first ``max_images`` samples in ``out``."""
     from magic3d.visuals import save_png

@@ -136,7 +136,9 @@ def render_card(info: CardInfo, weights_mb: float) -> str:
     if info.kind == "pixel":
         size = c["unet"]["sample_size"]
         lines.append(
-            f"UNet: IF stage-I block types at {size}x{size}, 6 output channels (epsilon + learned-range variance)."
+            f"UNet: Stable Diffusion's transformer cross-attention blocks on pixels at {size}x{size}, "
+            "6 output channels like IF (epsilon + learned-range variance); IF's own block types did not "
+            "learn the caption at this size (see magic3d.priors.configs)."
         )
     else:
         lines.append(
@@ -231,3 +233,17 @@ def write_model_card(folder: Path, info: CardInfo) -> None:
     record["weights_mb"] = weights_mb
     record["steps"] = {p.name: p.steps for p in info.phases}
     (folder / "training.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def fill_quality_section(card: Path, markdown: str) -> bool:
+    """Replace the text after ``EVALUATOR_MARKER`` (up to the next ``## `` heading) in a model
+    card with ``markdown``. Returns False when the card has no marker (left untouched)."""
+    text = card.read_text()
+    start = text.find(EVALUATOR_MARKER)
+    if start < 0:
+        return False
+    body = start + len(EVALUATOR_MARKER)
+    end = text.find("\n## ", body)
+    end = len(text) if end < 0 else end + 1
+    card.write_text(text[:body] + "\n" + markdown.strip() + "\n\n" + text[end:])
+    return True
