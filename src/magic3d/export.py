@@ -401,20 +401,20 @@ def _scene_device(scene: torch.nn.Module) -> torch.device:
 
 @torch.no_grad()
 def visible_density_level(density_fn, radius: float, resolution: int, device) -> float:
-    """Lowest density among the voxels that look solid from outside (optical depth > ln 2
-    along the cheapest axis direction): robust to the density scale of a soft coarse NeRF."""
-    import math
-
-    from magic3d.scenes.convert import optical_depth_from_outside, sample_density_grid
+    """Median density where the part that looks solid from outside (optical depth > ln 2 along
+    the cheapest axis direction) meets the outside: robust to the density scale of a soft
+    coarse NeRF and to a near-empty interior behind an opaque shell."""
+    from magic3d.scenes.convert import sample_density_grid, visible_solid
 
     with torch.no_grad():
         grid = sample_density_grid(density_fn, radius, resolution, device)
-        solid = optical_depth_from_outside(grid, 2.0 * radius / resolution) > math.log(2.0)
-    if not solid.any():
-        raise ValueError(
-            f"nerf_mesh: nothing in the scene is opaque (density range [{float(grid.min()):.4g}, "
-            f"{float(grid.max()):.4g}] on a {resolution}^3 grid); train the scene longer or pass a threshold")
-    return float(grid[solid].min())
+        try:
+            return visible_solid(grid, 2.0 * radius / resolution)[1]
+        except ValueError:
+            raise ValueError(
+                f"nerf_mesh: nothing in the scene is opaque (density range [{float(grid.min()):.4g}, "
+                f"{float(grid.max()):.4g}] on a {resolution}^3 grid); train the scene longer or pass a threshold"
+            ) from None
 
 
 def nerf_mesh(

@@ -177,3 +177,22 @@ def test_transparent_scene_reports_that_nothing_is_opaque():
     faint = lambda points: 0.1 * torch.ones(points.shape[0])  # noqa: E731 - optical depth 0.2 at most
     with pytest.raises(ValueError, match="no part of the coarse scene is opaque"):
         convert_nerf_to_dmtet(coarse_scene(faint), fine_scene(), resolution=16, texture_steps=0)
+
+
+def hollow_shell(points: torch.Tensor) -> torch.Tensor:
+    """An opaque shell (density 200, 0.1 thick) around a near-empty interior (1e-20) in a faint
+    haze (1e-10), as a coarse NeRF that only paints its surface: the interior is hidden."""
+    r = ((points - CENTRE) / 0.5).norm(dim=-1)
+    shell = ((r > 0.8) & (r < 1.0)).float()
+    return torch.where(r < 0.8, torch.full_like(r, 1e-20), 200.0 * shell + 1e-10)
+
+
+def test_hollow_coarse_scene_converts_to_its_shell_not_the_whole_box():
+    target = fine_scene()
+    report = convert_nerf_to_dmtet(coarse_scene(hollow_shell), target, resolution=RESOLUTION, texture_steps=0)
+    # Solid = inside the shell's outer surface (radius 0.5): (4/3) pi 0.5^3 / VOXEL^3 ~ 2140
+    # voxels; the old "lowest density of the solid set" level (1e-20) took the haze too: the whole box.
+    assert 1500 < report.occupied_voxels < 3000
+    assert report.threshold == pytest.approx(200.0)  # the density where the solid meets the outside
+    radii = (target.extract_mesh().vertices.detach() - CENTRE).norm(dim=-1)
+    assert 0.4 < float(radii.mean()) < 0.6

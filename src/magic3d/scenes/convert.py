@@ -6,8 +6,8 @@
 1. Sample the coarse density at the voxel centres of a ``resolution``^3 grid over
    [-radius, radius]^3.
 2. Solid = what a viewer sees: voxels whose optical depth from outside, along the cheapest of
-   the six axis directions, exceeds ln 2 (transmittance below one half); the density threshold
-   is the lowest density inside that set. This follows the rendered surface whatever the
+   the six axis directions, exceeds ln 2 (transmittance below one half); that set is the
+   occupancy (the reported density level is the median density on its outer boundary). This follows the rendered surface whatever the
    NeRF's density scale (a soft coarse blob peaking at density 18 renders opaque through its
    thickness but never reaches a fixed "half opacity per voxel" level of 44 at 128^3), and thin
    low-density floaters never become solid. A threshold outside the density range found is an
@@ -235,6 +235,35 @@ def surface_band_points(
     return surface[pick] + jitter
 
 
+def _eroded(mask: Bool[Tensor, "X Y Z"]) -> Bool[Tensor, "X Y Z"]:
+    """Voxels of ``mask`` whose six face neighbours are all in ``mask`` (outside the grid is empty)."""
+    empty = torch.nn.functional.pad((~mask).float()[None, None], (1, 1, 1, 1, 1, 1), value=1.0)
+    kernel = torch.zeros(1, 1, 3, 3, 3, dtype=empty.dtype, device=empty.device)
+    for offset in ((0, 1, 1), (2, 1, 1), (1, 0, 1), (1, 2, 1), (1, 1, 0), (1, 1, 2)):
+        kernel[(0, 0, *offset)] = 1.0
+    touches_empty = torch.nn.functional.conv3d(empty, kernel)[0, 0] > 0
+    return mask & ~touches_empty
+
+
+def visible_solid(density_grid: Float[Tensor, "R R R"], voxel: float) -> tuple[Bool[Tensor, "R R R"], float]:
+    """What a viewer sees as solid (optical depth from outside > ln 2) and the median density
+    where that set meets the outside. Raises when nothing is opaque.
+
+    The set itself, not a density level, is the occupancy: the lowest density inside it fills
+    the whole box when an opaque shell hides a near-empty interior (seen on an H100 coarse run:
+    level 1.4e-24, 1.2 M of 2.1 M voxels kept)."""
+    depth = optical_depth_from_outside(density_grid, voxel)
+    solid = depth > math.log(2.0)
+    if not solid.any():
+        raise ValueError(
+            f"no part of the coarse scene is opaque (largest optical depth from outside "
+            f"{float(depth.max()):.3g} < ln 2; density range [{float(density_grid.min()):.4g}, "
+            f"{float(density_grid.max()):.4g}]): check that the coarse stage produced an object, "
+            "or pass a density threshold."
+        )
+    return solid, float(density_grid[solid & ~_eroded(solid)].median())
+
+
 def optical_depth_from_outside(density_grid: Float[Tensor, "R R R"], voxel: float) -> Float[Tensor, "R R R"]:
     """For each voxel centre, the smallest optical depth a ray along any of the six axis
     directions accumulates from outside the grid to it. A voxel is seen as solid when this
@@ -280,27 +309,18 @@ def convert_nerf_to_dmtet(
         # The surface a viewer sees: where the optical depth from outside reaches ln 2. A fixed
         # density level (half opacity over one voxel, 44 at 128^3) misses soft coarse NeRFs whose
         # density peaks lower yet render opaque through their thickness.
-        depth = optical_depth_from_outside(grid, voxel)
-        solid = depth > math.log(2.0)
-        if not solid.any():
-            raise ValueError(
-                f"no part of the coarse scene is opaque (largest optical depth from outside "
-                f"{float(depth.max()):.3g} < ln 2; density range [{low:.4g}, {high:.4g}]): check "
-                "that the coarse stage produced an object, or pass a density threshold."
-            )
-        level = float(grid[solid].min())
+        occupied, level = visible_solid(grid, voxel)
     else:
         level = float(threshold)
-    if not low < level < high:
-        raise ValueError(
-            f"density threshold {level:.4g} is outside the coarse density range "
-            f"[{low:.4g}, {high:.4g}] found on a {resolution}^3 grid over [-{radius}, {radius}]^3, "
-            "so the surface would be empty (or fill the box). Pass a threshold inside that "
-            "range, or check that the coarse stage produced an object."
-        )
-    occupied = grid > level
+        if not low < level < high:
+            raise ValueError(
+                f"density threshold {level:.4g} is outside the coarse density range "
+                f"[{low:.4g}, {high:.4g}] found on a {resolution}^3 grid over [-{radius}, {radius}]^3, "
+                "so the surface would be empty (or fill the box). Pass a threshold inside that "
+                "range, or check that the coarse stage produced an object."
+            )
+        occupied = grid > level
     kept = largest_component(occupied)
-    cleaned = torch.where(kept, grid, torch.zeros_like(grid))
 
     lo, hi = occupied_bbox(kept, radius, target.tet_resolution, margin_cells, min_aspect)
     with torch.no_grad():
@@ -313,7 +333,8 @@ def convert_nerf_to_dmtet(
         target.deformation.zero_()
 
     generator = torch.Generator().manual_seed(seed)
-    points = surface_band_points(cleaned, level, radius, band_voxels, texture_points, generator)
+    # The band follows the kept set's boundary, the surface the SDF was built from.
+    points = surface_band_points(kept.float(), 0.5, radius, band_voxels, texture_points, generator)
     before, after = fit_texture(target, source.albedo, points, steps=texture_steps,
                                 batch_size=texture_batch, generator=generator)
 
