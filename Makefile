@@ -32,7 +32,7 @@ test-gpu: $(SETUP_STAMP) ## Run the tests marked gpu (needs CUDA)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -m gpu
 
 bench: $(SETUP_STAMP) ## GPU benchmarks; prints a table and appends it to BENCHMARKS.md
-	HF_HUB_OFFLINE=1 $(PY) -m magic3d.bench --append BENCHMARKS.md
+	HF_HUB_OFFLINE=1 $(PY) -m magic3d.bench --fine --append BENCHMARKS.md
 
 notebook: $(SETUP_STAMP) ## Open the notebooks (needs jupyter: pip install jupyterlab)
 	$(VENV)/bin/jupyter lab notebooks/
@@ -46,10 +46,12 @@ help: ## List targets and recipes
 	@echo "Recipes (make recipe=NAME):"
 	@for f in recipes/*.yaml; do n=$$(basename $$f .yaml); d=$$(grep -m1 '^description:' $$f | sed 's/^description: *//'); printf "  %-20s %s\n" "$$n" "$$d"; done
 
-priors: $(SETUP_STAMP) ## Retrain the embedded priors on a GPU (resumable): make priors [minutes=8]
+priors: $(SETUP_STAMP) ## Retrain the embedded priors and evaluator on a GPU (resumable), then grade them: make priors [minutes=8]
+	$(PY) -m magic3d.eval train-classifier --out priors/evaluator --minutes 3
 	$(PY) -m magic3d.priors train --kind pixel --out priors/pixel --minutes $(or $(minutes),8) --resume
 	$(PY) -m magic3d.priors train --kind latent --out priors/latent --minutes $(or $(minutes),8) --resume
-	$(PY) -m magic3d.eval train-classifier --out priors/evaluator --minutes 3
+	$(PY) -m magic3d.eval prior priors/pixel --update-card
+	$(PY) -m magic3d.eval prior priors/latent --update-card
 
 eval: $(SETUP_STAMP) ## Evaluate a run against the toy world: make eval run=runs/<recipe>/<name>
 	@test -n "$(run)" || { echo "usage: make eval run=runs/<recipe>/<name>"; exit 2; }
