@@ -2,15 +2,8 @@
 # `make bench --fine`, one coarse prompt run + its evaluation, and the gpu-marked tests in one
 # device call; a summary prints last. Usage: bash scripts/gpu_bench_tests.sh ["prompt"]
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh"
 PROMPT=${1:-a blue sphere}; SLUG=${PROMPT// /-}
-if [ -d .whl ] && ! python3 -c "import diffusers, jsonargparse" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
-export MAGIC3D_CACHE=/tmp/magic3d_cache
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 start=$(date +%s)
 timeout 280 python3 -m magic3d.bench --fine --append "$OUT/bench.md" > "$OUT/bench.log" 2>&1

@@ -4,15 +4,8 @@
 # `magic3d.eval prompts` (coarse runs) and `magic3d.eval run --resolution 512` (two-stage run).
 # Results travel back as one tar. Usage: bash scripts/gpu_eval_prompts.sh [coarse steps] [fine steps]
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-out}; mkdir -p "$OUT"
-STEPS=${1:-800}; FINE_STEPS=${2:-300}; STREAMS=${STREAMS:-6}
-if [ -d .whl ] && ! python3 -c "import diffusers, jsonargparse" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
-export MAGIC3D_CACHE=/tmp/magic3d_cache
+source "$(dirname "$0")/device_env.sh"
+STEPS=${1:-800}; FINE_STEPS=${2:-300}; STREAMS=${STREAMS:-4}  # 6 streams + the two-stage run ran one prompt out of GPU memory
 nvidia-smi --query-gpu=name --format=csv,noheader
 PROMPTS=("a red cube" "a blue sphere" "a green cylinder" "a yellow cone" "a purple torus" "an orange pyramid"
          "a white house" "a pink mug" "a cyan chair" "a brown duck" "a red car" "a blue snowman")
@@ -46,7 +39,7 @@ echo "all done after $(( $(date +%s) - start )) s"
 mkdir -p /tmp/pack
 cp -r /tmp/logs /tmp/pack/
 for d in /tmp/runs/* /tmp/c2f/*; do
-    n=$(basename "$d"); mkdir -p "/tmp/pack/$n"
+    n=$(basename "$d"); [[ $d == /tmp/c2f/* ]] && n="two-stage-$n"; mkdir -p "/tmp/pack/$n"
     cp -r "$d/eval" "/tmp/pack/$n/" 2>/dev/null
     for st in coarse fine; do
         [ -d "$d/$st" ] || continue

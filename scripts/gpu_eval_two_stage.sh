@@ -3,15 +3,8 @@
 # coarse), packed into one tar. Usage:
 #   bash scripts/gpu_eval_two_stage.sh COARSE_STEPS FINE_STEPS FINE_GUIDANCE "prompt" ...
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh"
 STEPS=$1; FINE_STEPS=$2; FINE_GUIDANCE=$3; shift 3
-if [ -d .whl ] && ! python3 -c "import diffusers, jsonargparse, trimesh" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
-export MAGIC3D_CACHE=/tmp/magic3d_cache
 nvidia-smi --query-gpu=name --format=csv,noheader
 start=$(date +%s); mkdir -p /tmp/c2f /tmp/pack
 for p in "$@"; do

@@ -4,15 +4,8 @@
 #   random-weight IF-I-XL-sized prior. Logs go to $OUT (default ./out); a table prints last.
 # Usage: bash scripts/gpu_session.sh [steps]
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-out}; mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh"
 STEPS=${1:-30}
-if [ -d .whl ] && ! python3 -c "import diffusers, jsonargparse" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
-export MAGIC3D_CACHE=/tmp/magic3d_cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log" | tail -5

@@ -38,6 +38,20 @@ def _cuda_ms(fn, device) -> tuple[float, object]:
     return start.elapsed_time(end), out
 
 
+_PARTS = ("render", "guidance", "backward", "optim", "iter")
+
+
+def _timed_iteration(scene, guidance, optimizer, cams, shading, device) -> tuple[dict[str, float], object]:
+    """One optimisation step split into its parts (ms) and the render output."""
+    t0 = time.perf_counter()
+    ms_render, render = _cuda_ms(lambda: scene.render(cams, shading), device)
+    ms_guid, out = _cuda_ms(lambda: guidance.step(render.rgb, cams, 0.5), device)
+    ms_back, _ = _cuda_ms(lambda: out.loss.backward(), device)
+    ms_opt, _ = _cuda_ms(lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)), device)
+    wall = (time.perf_counter() - t0) * 1000
+    return dict(zip(_PARTS, (ms_render, ms_guid, ms_back, ms_opt, wall))), render
+
+
 def coarse_iteration(batch_sizes=(1, 8, 32), iters: int = 10, warmup: int = 3,
                      unet_size: str = "if-i-xl", n_samples_per_ray: int = 512,
                      grid_resolution: int = 128) -> list[CoarseTiming]:
@@ -70,15 +84,9 @@ def coarse_iteration(batch_sizes=(1, 8, 32), iters: int = 10, warmup: int = 3,
         for i in range(warmup + iters):
             cams = sample_random_cameras(CameraRanges(), batch, 64, 64, generator).to(device)
             shading = Shading(mode="lambertian", ambient=torch.full((batch,), 0.3, device=device))
-            t0 = time.perf_counter()
-            ms_render, render = _cuda_ms(lambda: scene.render(cams, shading), device)
-            ms_guid, out = _cuda_ms(lambda: guidance.step(render.rgb, cams, 0.5), device)
-            ms_back, _ = _cuda_ms(lambda: out.loss.backward(), device)
-            ms_opt, _ = _cuda_ms(lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)), device)
-            wall = (time.perf_counter() - t0) * 1000
+            parts, render = _timed_iteration(scene, guidance, optimizer, cams, shading, device)
             if i >= warmup:
-                for key, value in zip(("render", "guidance", "backward", "optim", "iter"),
-                                      (ms_render, ms_guid, ms_back, ms_opt, wall)):
+                for key, value in parts.items():
                     totals[key] += value / iters
                 totals["spr"] += float(render.samples_per_ray or 0) / iters
         results.append(CoarseTiming(
@@ -168,21 +176,15 @@ def fine_iteration(batch_sizes=(1, 8, 32), iters: int = 5, warmup: int = 2,
         generator = torch.Generator().manual_seed(0)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        totals = dict.fromkeys(("render", "guidance", "backward", "optim", "iter"), 0.0)
+        totals = dict.fromkeys(_PARTS, 0.0)
         faces, error = 0, ""
         try:
             for i in range(warmup + iters):
                 cams = sample_random_cameras(ranges, batch, resolution, resolution, generator).to(device)
                 shading = Shading(mode="lambertian", ambient=torch.full((batch,), 0.3, device=device))
-                t0 = time.perf_counter()
-                ms_render, render = _cuda_ms(lambda: scene.render(cams, shading), device)
-                ms_guid, out = _cuda_ms(lambda: guidance.step(render.rgb, cams, 0.5), device)
-                ms_back, _ = _cuda_ms(lambda: out.loss.backward(), device)
-                ms_opt, _ = _cuda_ms(lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)), device)
-                wall = (time.perf_counter() - t0) * 1000
+                parts, _ = _timed_iteration(scene, guidance, optimizer, cams, shading, device)
                 if i >= warmup:
-                    for key, value in zip(("render", "guidance", "backward", "optim", "iter"),
-                                          (ms_render, ms_guid, ms_back, ms_opt, wall)):
+                    for key, value in parts.items():
                         totals[key] += value / iters
             faces = int(scene.extract_mesh().faces.shape[0])
         except torch.OutOfMemoryError:

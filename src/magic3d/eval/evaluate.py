@@ -424,18 +424,8 @@ def _mesh_chamfer(mesh: Any, shape: Any, options: EvalOptions, notes: list[str])
     if surface.points.shape[0] == 0:
         notes.append("the mesh has no area (degenerate faces only): Chamfer distance skipped")
         return None
-    gt_points = surface_points(shape, options.chamfer_points, torch.Generator().manual_seed(options.seed))
-    result = chamfer_distance(gt_points, surface.points)
-    return {
-        "distance": result.distance,
-        "gt_to_pred": result.gt_to_pred,
-        "pred_to_gt": result.pred_to_gt,
-        "source": "mesh",
-        "surface_area": surface.area,
-        "n_vertices": surface.n_vertices,
-        "n_faces": surface.n_faces,
-        "n_points": int(surface.points.shape[0]),
-    }
+    return _chamfer_to_ground_truth(shape, surface.points, options, "mesh", surface_area=surface.area,
+                                    n_vertices=surface.n_vertices, n_faces=surface.n_faces)
 
 
 def _density_chamfer(scene: Any, shape: Any, options: EvalOptions, notes: list[str]) -> dict[str, float] | None:
@@ -451,18 +441,17 @@ def _density_chamfer(scene: Any, shape: Any, options: EvalOptions, notes: list[s
             "the scene is empty at that level, Chamfer distance skipped"
         )
         return None
+    return _chamfer_to_ground_truth(shape, surface.points, options, "density", density_threshold=surface.threshold,
+                                    occupied_fraction=surface.occupied_fraction, voxel_size=surface.voxel_size)
+
+
+def _chamfer_to_ground_truth(
+    shape: Any, points: Float[Tensor, "P 3"], options: EvalOptions, source: str, **details: float
+) -> dict[str, float]:
     gt_points = surface_points(shape, options.chamfer_points, torch.Generator().manual_seed(options.seed))
-    result = chamfer_distance(gt_points, surface.points)
-    return {
-        "distance": result.distance,
-        "gt_to_pred": result.gt_to_pred,
-        "pred_to_gt": result.pred_to_gt,
-        "source": "density",
-        "density_threshold": surface.threshold,
-        "occupied_fraction": surface.occupied_fraction,
-        "voxel_size": surface.voxel_size,
-        "n_points": int(surface.points.shape[0]),
-    }
+    result = chamfer_distance(gt_points, points)
+    return {"distance": result.distance, "gt_to_pred": result.gt_to_pred, "pred_to_gt": result.pred_to_gt,
+            "source": source, **details, "n_points": int(points.shape[0])}
 
 
 def evaluate_stage(
