@@ -98,6 +98,22 @@ def coarse_iteration(batch_sizes=(1, 8, 32), iters: int = 10, warmup: int = 3,
     return results
 
 
+def _random_sd_guidance(device: torch.device):
+    """Latent SDS with a random-weight SD-2.1-base-sized VAE and UNet (bf16), set up."""
+    from magic3d.guidance.builders import build_latent_scheduler, build_latent_unet, build_vae
+    from magic3d.guidance.latent_sds import LatentSDS
+    from magic3d.guidance.prompts import PromptEmbeddings
+
+    unet = build_latent_unet("sd-2.1-base", device=device, dtype=torch.bfloat16)
+    vae = build_vae("sd-2.1-base", device=device, dtype=torch.bfloat16)
+    dim = unet.config.cross_attention_dim
+    embeddings = PromptEmbeddings(base=torch.randn(77, dim), views=torch.randn(4, 77, dim),
+                                  uncond=torch.randn(77, dim))
+    guidance = LatentSDS.from_modules(unet, vae, build_latent_scheduler(), text_embeddings=embeddings)
+    guidance.setup("benchmark", device)
+    return guidance
+
+
 @dataclass
 class LatentGuidanceTiming:
     batch_size: int
@@ -108,18 +124,9 @@ class LatentGuidanceTiming:
 def latent_guidance(batch_sizes=(1, 8, 32), iters: int = 5, warmup: int = 2) -> list[LatentGuidanceTiming]:
     """Latent SDS at 512x512 with random SD-2.1-base-sized VAE + UNet (bf16)."""
     from magic3d.data.cameras import CameraRanges, sample_random_cameras
-    from magic3d.guidance.builders import build_latent_scheduler, build_latent_unet, build_vae
-    from magic3d.guidance.latent_sds import LatentSDS
-    from magic3d.guidance.prompts import PromptEmbeddings
 
     device = torch.device("cuda")
-    unet = build_latent_unet("sd-2.1-base", device=device, dtype=torch.bfloat16)
-    vae = build_vae("sd-2.1-base", device=device, dtype=torch.bfloat16)
-    dim = unet.config.cross_attention_dim
-    embeddings = PromptEmbeddings(base=torch.randn(77, dim), views=torch.randn(4, 77, dim),
-                                  uncond=torch.randn(77, dim))
-    guidance = LatentSDS.from_modules(unet, vae, build_latent_scheduler(), text_embeddings=embeddings)
-    guidance.setup("benchmark", device)
+    guidance = _random_sd_guidance(device)
     generator = torch.Generator().manual_seed(0)
     results = []
     for batch in batch_sizes:
@@ -153,20 +160,11 @@ def fine_iteration(batch_sizes=(1, 8, 32), iters: int = 5, warmup: int = 2,
     """Fine-stage iteration: DMTet (BCC n=51 ~ the "128" grid) rendered at 512² + latent SDS
     with a random SD-2.1-base-sized VAE and UNet (bf16), backward, Adam step."""
     from magic3d.data.cameras import CameraRanges, sample_random_cameras
-    from magic3d.guidance.builders import build_latent_scheduler, build_latent_unet, build_vae
-    from magic3d.guidance.latent_sds import LatentSDS
-    from magic3d.guidance.prompts import PromptEmbeddings
     from magic3d.scenes.dmtet import DMTetScene
     from magic3d.types import Shading
 
     device = torch.device("cuda")
-    unet = build_latent_unet("sd-2.1-base", device=device, dtype=torch.bfloat16)
-    vae = build_vae("sd-2.1-base", device=device, dtype=torch.bfloat16)
-    dim = unet.config.cross_attention_dim
-    embeddings = PromptEmbeddings(base=torch.randn(77, dim), views=torch.randn(4, 77, dim),
-                                  uncond=torch.randn(77, dim))
-    guidance = LatentSDS.from_modules(unet, vae, build_latent_scheduler(), text_embeddings=embeddings)
-    guidance.setup("benchmark", device)
+    guidance = _random_sd_guidance(device)
     ranges = CameraRanges(elevation_deg=(-10.0, 45.0), fovy_deg=(30.0, 45.0))  # the fine stage's
     results = []
     for batch in batch_sizes:

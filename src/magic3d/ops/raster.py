@@ -182,7 +182,7 @@ def rasterize(
     h, w = _check_resolution(resolution)
     faces = _check_faces(faces, pos.shape[1])
     b, n_faces = pos.shape[0], faces.shape[0]
-    device, dtype = pos.device, pos.dtype
+    device = pos.device
     chunk_pairs = max(int(chunk_pairs or _default_chunk_pairs(device)), h * w)
 
     zbuf = torch.full((b * h * w,), _EMPTY_KEY, dtype=torch.int64, device=device)

@@ -205,7 +205,7 @@ def render_card(info: CardInfo, weights_mb: float) -> str:
         "",
         "## Samples",
         "",
-        f"![samples](samples.png)",
+        "![samples](samples.png)",
         "",
         f"DDIM, {c['sample_steps']} steps, guidance scale {c['sample_guidance']:g}, EMA weights. Rows:"
         f" {'; '.join(f'`{r}`' for r in rows)}. Columns: {', '.join(view_cols)}.",

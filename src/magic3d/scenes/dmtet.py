@@ -230,7 +230,7 @@ class DMTetScene(Scene):
     # ----------------------------------------------------------------------------- scene API
 
     def render(self, cameras: CameraBatch, shading: Shading) -> RenderOutput:
-        b, h, w = cameras.batch_size, cameras.height, cameras.width
+        h, w = cameras.height, cameras.width
         mesh = self.extract_mesh()
         verts, faces = mesh.vertices, mesh.faces
         homogeneous = torch.cat([verts, torch.ones_like(verts[:, :1])], dim=-1)
