@@ -33,19 +33,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from magic3d.data.cameras import view_index
-from magic3d.guidance.base import ScoreDistillation, Weighting
-from magic3d.guidance.loading import (
-    PipelineSource,
-    canonical_device,
-    cfg_unet_outputs,
-    half_dtype_for,
-    module_dtype,
-)
-from magic3d.guidance.prompts import PromptEmbeddings, compute_prompt_embeddings, release_text_encoder
+from magic3d.guidance.base import Weighting
+from magic3d.guidance.frozen import FrozenPriorGuidance
+from magic3d.guidance.loading import cfg_unet_outputs, module_dtype
+from magic3d.guidance.prompts import PromptEmbeddings
 from magic3d.types import CameraBatch, GuidanceOutput
-
-TEXT_MAX_LENGTH = 77  # CLIP's context length; SD pads prompts to it
-_PIPELINE_LAYOUT = "vae/, unet/, text_encoder/, tokenizer/, scheduler/ and model_index.json"
 PredictionType = Literal["auto", "epsilon", "v_prediction", "sample"]
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -84,7 +76,7 @@ def vae_input_size(unet: nn.Module, vae: nn.Module) -> tuple[int, int]:
     return size[0] * factor, size[1] * factor
 
 
-class LatentSDS(ScoreDistillation):
+class LatentSDS(FrozenPriorGuidance):
     """Score distillation from a latent prior (Stable Diffusion layout), gradient through the VAE.
 
     Args:
@@ -107,6 +99,11 @@ class LatentSDS(ScoreDistillation):
             "v_prediction" (SD 2.1 768 px) or "sample".
         Other arguments: see ``ScoreDistillation``.
     """
+
+    PARTS = ("vae", "unet")
+    PIPELINE_NAME = "Stable Diffusion"
+    PIPELINE_LAYOUT = "vae/, unet/, text_encoder/, tokenizer/, scheduler/ and model_index.json"
+    TEXT_ENCODER_CLASS = "CLIPTextModel"
 
     def __init__(
         self,
@@ -147,19 +144,12 @@ class LatentSDS(ScoreDistillation):
             raise ValueError(
                 f"prediction_type={prediction_type!r} is unknown: use 'auto' or one of {_PREDICTION_TYPES}."
             )
-        self.pretrained = pretrained
-        self.half_precision = half_precision
-        self.negative_prompt = negative_prompt
-        self.cache_dir = cache_dir
+        self._init_frozen(pretrained, half_precision, negative_prompt, cache_dir, variant)
         self.vae_chunk_size = vae_chunk_size
         self.vae_recompute = vae_recompute
         self.sample_latents = sample_latents
         self.max_batch_per_unet_call = max_batch_per_unet_call
-        self.variant = variant
         self.prediction_type = prediction_type
-        # Frozen parts live in a plain dict: nn.Module does not register (or save) them.
-        self._frozen: dict[str, Any] = {}
-        self._embeddings: PromptEmbeddings | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -180,77 +170,15 @@ class LatentSDS(ScoreDistillation):
         ``tokenizer`` + ``text_encoder`` (embeddings computed in ``setup``, never cached).
         ``scheduler`` needs ``alphas_cumprod`` (and ``config.prediction_type`` for "auto").
         """
-        if text_embeddings is None and (tokenizer is None or text_encoder is None):
-            raise ValueError("from_modules needs text_embeddings, or both tokenizer and text_encoder.")
-        guidance = cls(pretrained=kwargs.pop("pretrained", "<in-memory>"), **kwargs)
-        guidance._frozen["source"] = {
-            "unet": unet,
-            "vae": vae,
-            "scheduler": scheduler,
-            "text_embeddings": text_embeddings,
-            "tokenizer": tokenizer,
-            "text_encoder": text_encoder,
-        }
-        return guidance
-
-    @property
-    def unet(self) -> nn.Module:
-        return self._require("unet")
+        return cls._from_parts({"unet": unet, "vae": vae}, scheduler, text_embeddings, tokenizer, text_encoder,
+                               kwargs)
 
     @property
     def vae(self) -> nn.Module:
         return self._require("vae")
 
-    @property
-    def embeddings(self) -> PromptEmbeddings:
-        if self._embeddings is None:
-            raise RuntimeError("LatentSDS.setup(prompt, device) must run before step().")
-        return self._embeddings
-
-    def _require(self, name: str) -> Any:
-        if name not in self._frozen:
-            raise RuntimeError(f"LatentSDS.setup(prompt, device) must run before the {name} is used.")
-        return self._frozen[name]
-
-    def setup(self, prompt: str, device: torch.device | str) -> None:
-        """Load VAE, UNet and noise schedule, get the prompt embeddings, free the text encoder.
-
-        Calling it again keeps the loaded models, only re-placing them and, for a new
-        prompt, fetching that prompt's embeddings.
-        """
-        device = torch.device(device)
-        dtype = half_dtype_for(device, self.half_precision)
-        if "unet" in self._frozen:
-            if prompt != self._frozen["prompt"] and not self._frozen["in_memory"]:
-                self._embeddings = self._cached_embeddings(prompt, device, dtype)
-                self._frozen["prompt"] = prompt
-            self._place(device)
-            return
-        source = self._frozen.pop("source", None)
-        self._frozen["in_memory"] = source is not None
-        self._frozen["prompt"] = prompt
-        if source is not None:
-            unet, vae, scheduler = source["unet"], source["vae"], source["scheduler"]
-            embeddings = source["text_embeddings"]
-            if embeddings is None:
-                text_encoder = source["text_encoder"].to(device)
-                embeddings = compute_prompt_embeddings(
-                    source["tokenizer"], text_encoder, prompt, self.negative_prompt, TEXT_MAX_LENGTH
-                )
-                del text_encoder
-                source.clear()
-                release_text_encoder(device)
-            source.clear()
-        else:
-            vae, unet, scheduler = self._load_vae(dtype), self._load_unet(dtype), self._load_scheduler()
-            embeddings = self._cached_embeddings(prompt, device, dtype)
-
-        self._frozen["unet"] = unet.requires_grad_(False).eval()
-        self._frozen["vae"] = vae.requires_grad_(False).eval()
+    def _on_loaded(self, scheduler: Any) -> None:
         self._frozen["resolved_prediction_type"] = self._resolve_prediction_type(scheduler)
-        self.set_alphas_cumprod(torch.as_tensor(scheduler.alphas_cumprod))
-        self._embeddings = embeddings
-        self._place(device)
 
     def _resolve_prediction_type(self, scheduler: Any) -> str:
         if self.prediction_type != "auto":
@@ -268,56 +196,6 @@ class LatentSDS(ScoreDistillation):
     def resolved_prediction_type(self) -> str:
         """What the UNet predicts, as used in ``predict_noise`` (known after ``setup``)."""
         return self._require("resolved_prediction_type")
-
-    def _place(self, device: torch.device) -> None:
-        """Move the frozen UNet, VAE and embeddings to ``device`` in the precision used there."""
-        dtype = half_dtype_for(device, self.half_precision)
-        for name in ("unet", "vae"):
-            module = self._frozen[name]
-            if module_dtype(module) != dtype:
-                module = module.to(dtype=dtype)
-            self._frozen[name] = module.to(device=device)
-        self._frozen["device"] = canonical_device(device)
-        self._embeddings = self.embeddings.to(device, dtype)
-        self.alphas_cumprod = self.alphas_cumprod.to(device)
-
-    # ------------------------------------------------------------------ loading
-
-    def _pipeline_source(self) -> PipelineSource:
-        return PipelineSource(self.pretrained, "Stable Diffusion", _PIPELINE_LAYOUT, ("vae", "unet", "scheduler"))
-
-    def _load_unet(self, dtype: torch.dtype) -> nn.Module:
-        from diffusers import UNet2DConditionModel
-
-        return self._pipeline_source().load_model(
-            UNet2DConditionModel, "unet", "UNet (unet/)", torch_dtype=dtype, variant=self.variant
-        )
-
-    def _load_vae(self, dtype: torch.dtype) -> nn.Module:
-        from diffusers import AutoencoderKL
-
-        return self._pipeline_source().load_model(
-            AutoencoderKL, "vae", "VAE (vae/)", torch_dtype=dtype, variant=self.variant
-        )
-
-    def _load_scheduler(self) -> Any:
-        return self._pipeline_source().load_scheduler()
-
-    def _load_text_encoder(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, nn.Module]:
-        """Tokenizer and CLIP text encoder, on ``device``; only called on an embedding-cache miss."""
-        from transformers import CLIPTextModel
-
-        return self._pipeline_source().load_text_encoder(CLIPTextModel, device, dtype, self.variant)
-
-    def _cached_embeddings(self, prompt: str, device: torch.device, dtype: torch.dtype) -> PromptEmbeddings:
-        return self._pipeline_source().cached_embeddings(
-            prompt=prompt,
-            negative_prompt=self.negative_prompt,
-            max_length=TEXT_MAX_LENGTH,
-            load_encoder=lambda: self._load_text_encoder(device, dtype),
-            device=device,
-            cache_dir=self.cache_dir,
-        )
 
     # ------------------------------------------------------------------ the step
 
@@ -370,8 +248,7 @@ class LatentSDS(ScoreDistillation):
         the VAE encoder (no decoder call)."""
         if rgb.ndim != 4 or rgb.shape[-1] != 3:
             raise ValueError(f"rgb must be (B, H, W, 3) channel-last, got {tuple(rgb.shape)}.")
-        self._require("unet")
-        if self._frozen.get("device") != canonical_device(rgb.device):
+        if self._needs_placing(rgb.device):
             self._place(rgb.device)
         z = self.encode(self.preprocess(rgb))
         views = view_index(cameras.elevation, cameras.azimuth)

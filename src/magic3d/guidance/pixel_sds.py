@@ -16,18 +16,16 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from magic3d.data.cameras import view_index
-from magic3d.guidance.base import ScoreDistillation, Weighting
-from magic3d.guidance.loading import PipelineSource, cfg_unet_outputs, half_dtype_for
-from magic3d.guidance.loading import canonical_device as _canonical
-from magic3d.guidance.loading import module_dtype as _module_dtype
-from magic3d.guidance.prompts import PromptEmbeddings, compute_prompt_embeddings, release_text_encoder
+from magic3d.guidance.base import Weighting
+from magic3d.guidance.frozen import TEXT_MAX_LENGTH, FrozenPriorGuidance
+from magic3d.guidance.loading import cfg_unet_outputs
+from magic3d.guidance.prompts import PromptEmbeddings
 from magic3d.types import CameraBatch, GuidanceOutput
 
-TEXT_MAX_LENGTH = 77  # IF pads T5 prompts to 77 tokens
-_PIPELINE_LAYOUT = "unet/, text_encoder/, tokenizer/, scheduler/ and model_index.json"
+__all__ = ["TEXT_MAX_LENGTH", "PixelSDS"]
 
 
-class PixelSDS(ScoreDistillation):
+class PixelSDS(FrozenPriorGuidance):
     """Score distillation from a pixel-space prior (IF stage I layout).
 
     Args:
@@ -45,6 +43,11 @@ class PixelSDS(ScoreDistillation):
         variant: weight-file variant to load, e.g. "fp16" (half the download of IF's fp32 files).
         Other arguments: see ``ScoreDistillation``.
     """
+
+    PARTS = ("unet",)
+    PIPELINE_NAME = "DeepFloyd IF stage-I"
+    PIPELINE_LAYOUT = "unet/, text_encoder/, tokenizer/, scheduler/ and model_index.json"
+    TEXT_ENCODER_CLASS = "T5EncoderModel"
 
     def __init__(
         self,
@@ -76,16 +79,9 @@ class PixelSDS(ScoreDistillation):
             raise ValueError(
                 f"max_batch_per_unet_call={max_batch_per_unet_call} must be >= 1, or None for one call."
             )
-        self.pretrained = pretrained
-        self.half_precision = half_precision
-        self.negative_prompt = negative_prompt
-        self.cache_dir = cache_dir
+        self._init_frozen(pretrained, half_precision, negative_prompt, cache_dir, variant)
         self.enable_channels_last = enable_channels_last
         self.max_batch_per_unet_call = max_batch_per_unet_call
-        self.variant = variant
-        # Frozen parts live in a plain dict: nn.Module does not register (or save) them.
-        self._frozen: dict[str, Any] = {}
-        self._embeddings: PromptEmbeddings | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -105,115 +101,12 @@ class PixelSDS(ScoreDistillation):
         ``tokenizer`` + ``text_encoder`` (embeddings computed in ``setup``, never cached: the
         modules' weights have no stable identity). ``scheduler`` needs ``alphas_cumprod``.
         """
-        if text_embeddings is None and (tokenizer is None or text_encoder is None):
-            raise ValueError("from_modules needs text_embeddings, or both tokenizer and text_encoder.")
-        guidance = cls(pretrained=kwargs.pop("pretrained", "<in-memory>"), **kwargs)
-        guidance._frozen["source"] = {
-            "unet": unet,
-            "scheduler": scheduler,
-            "text_embeddings": text_embeddings,
-            "tokenizer": tokenizer,
-            "text_encoder": text_encoder,
-        }
-        return guidance
+        return cls._from_parts({"unet": unet}, scheduler, text_embeddings, tokenizer, text_encoder, kwargs)
 
-    @property
-    def unet(self) -> nn.Module:
-        if "unet" not in self._frozen:
-            raise RuntimeError("PixelSDS.setup(prompt, device) must run before the UNet is used.")
-        return self._frozen["unet"]
-
-    @property
-    def embeddings(self) -> PromptEmbeddings:
-        if self._embeddings is None:
-            raise RuntimeError("PixelSDS.setup(prompt, device) must run before step().")
-        return self._embeddings
-
-    def _dtype_for(self, device: torch.device) -> torch.dtype:
-        return half_dtype_for(device, self.half_precision)
-
-    def setup(self, prompt: str, device: torch.device | str) -> None:
-        """Load the UNet and noise schedule, get the prompt embeddings, free the text encoder.
-
-        Calling it again (Lightning runs setup per stage) keeps the loaded UNet, only
-        re-placing it and, for a new prompt, fetching that prompt's embeddings.
-        """
-        device = torch.device(device)
-        dtype = self._dtype_for(device)
-        if "unet" in self._frozen:
-            if prompt != self._frozen["prompt"] and not self._frozen["in_memory"]:
-                self._embeddings = self._cached_embeddings(prompt, device, dtype)
-                self._frozen["prompt"] = prompt
-            self._place(device)
-            return
-        source = self._frozen.pop("source", None)
-        self._frozen["in_memory"] = source is not None
-        self._frozen["prompt"] = prompt
-        if source is not None:
-            unet, scheduler = source["unet"], source["scheduler"]
-            embeddings = source["text_embeddings"]
-            if embeddings is None:
-                text_encoder = source["text_encoder"].to(device)
-                embeddings = compute_prompt_embeddings(
-                    source["tokenizer"], text_encoder, prompt, self.negative_prompt, TEXT_MAX_LENGTH
-                )
-                del text_encoder
-            source.clear()
-            release_text_encoder(device)
-        else:
-            unet, scheduler = self._load_unet(dtype), self._load_scheduler()
-            embeddings = self._cached_embeddings(prompt, device, dtype)
-
-        unet.requires_grad_(False).eval()
-        self._frozen["unet"] = unet
-        self.set_alphas_cumprod(torch.as_tensor(scheduler.alphas_cumprod))
-        self._embeddings = embeddings
-        self._place(device)
-
-    def _place(self, device: torch.device) -> None:
-        """Move the frozen UNet and embeddings to ``device`` in the precision used there."""
-        dtype = self._dtype_for(device)
-        unet = self.unet
-        if _module_dtype(unet) != dtype:
-            unet = unet.to(dtype=dtype)
-        unet = unet.to(device=device)
+    def _prepare(self, name: str, module: nn.Module, device: torch.device) -> nn.Module:
         if self.enable_channels_last and device.type == "cuda":
-            unet = unet.to(memory_format=torch.channels_last)
-        self._frozen["unet"] = unet
-        self._frozen["device"] = _canonical(device)
-        self._embeddings = self.embeddings.to(device, dtype)
-        self.alphas_cumprod = self.alphas_cumprod.to(device)
-
-    # ------------------------------------------------------------------ loading
-
-    def _pipeline_source(self) -> PipelineSource:
-        return PipelineSource(self.pretrained, "DeepFloyd IF stage-I", _PIPELINE_LAYOUT, ("unet", "scheduler"))
-
-    def _load_unet(self, dtype: torch.dtype) -> nn.Module:
-        from diffusers import UNet2DConditionModel
-
-        return self._pipeline_source().load_model(
-            UNet2DConditionModel, "unet", "UNet (unet/)", torch_dtype=dtype, variant=self.variant
-        )
-
-    def _load_scheduler(self) -> Any:
-        return self._pipeline_source().load_scheduler()
-
-    def _load_text_encoder(self, device: torch.device, dtype: torch.dtype) -> tuple[Any, nn.Module]:
-        """Tokenizer and T5 encoder, on ``device``; only called on an embedding-cache miss."""
-        from transformers import T5EncoderModel
-
-        return self._pipeline_source().load_text_encoder(T5EncoderModel, device, dtype, self.variant)
-
-    def _cached_embeddings(self, prompt: str, device: torch.device, dtype: torch.dtype) -> PromptEmbeddings:
-        return self._pipeline_source().cached_embeddings(
-            prompt=prompt,
-            negative_prompt=self.negative_prompt,
-            max_length=TEXT_MAX_LENGTH,
-            load_encoder=lambda: self._load_text_encoder(device, dtype),
-            device=device,
-            cache_dir=self.cache_dir,
-        )
+            return module.to(memory_format=torch.channels_last)
+        return module
 
     # ------------------------------------------------------------------ the step
 
@@ -233,7 +126,7 @@ class PixelSDS(ScoreDistillation):
         """SDS loss for a batch of renders; its gradient reaches ``rgb`` only."""
         if rgb.ndim != 4 or rgb.shape[-1] != 3:
             raise ValueError(f"rgb must be (B, H, W, 3) channel-last, got {tuple(rgb.shape)}.")
-        if self._frozen.get("device") != _canonical(rgb.device):
+        if self._needs_placing(rgb.device):
             self._place(rgb.device)
         x = self.preprocess(rgb)
         views = view_index(cameras.elevation, cameras.azimuth)
