@@ -313,6 +313,25 @@ def test_evaluate_prior_mechanics_on_the_tiny_pipeline(
     assert json.loads(paths[0].read_text())["n_images"] == 4
 
 
+def test_prior_command_writes_its_figures_into_the_model_card(
+    tiny_pixel_pipeline: Path, smoke_classifier: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from magic3d.eval.__main__ import main
+    from magic3d.priors.card import EVALUATOR_MARKER
+
+    folder = tmp_path / "prior"
+    shutil.copytree(tiny_pixel_pipeline, folder)
+    (folder / "README.md").write_text(f"# card\n\n## Quality\n\n{EVALUATOR_MARKER}\nTo be filled.\n\n## End\n")
+    argv = ["prior", str(folder), "--n-per-caption", "1", "--steps", "2", "--shapes", "cube", "--colours", "red",
+            "--classifier", str(smoke_classifier), "--device", "cpu", "--update-card"]
+    assert main(argv) == 0
+    card = (folder / "README.md").read_text()
+    assert "| shape acc | colour acc |" in card and "To be filled" not in card
+    assert card.endswith("## End\n") and (folder / "eval" / "prior_eval.json").is_file()
+
+
 def test_evaluate_prior_decodes_latent_priors_through_their_vae(
     tiny_latent_pipeline: Path, smoke_classifier: Path
 ) -> None:
