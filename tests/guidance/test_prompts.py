@@ -137,3 +137,28 @@ def test_cached_embeddings_are_the_suffixed_prompts(tiny_pixel_pipeline: Path, t
     torch.testing.assert_close(emb.views, expected[1:5], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(emb.uncond, expected[5], rtol=1e-5, atol=1e-6)
     assert not torch.allclose(emb.views[0], emb.views[2])  # front and back prompts differ
+
+
+def test_clip_prompts_are_masked_only_when_the_config_asks_as_diffusers_does() -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from magic3d.guidance.builders import build_tokenizer
+    from magic3d.guidance.prompts import encode_texts, uses_attention_mask
+
+    torch.manual_seed(0)
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 vocab_size=512, max_position_embeddings=TEXT_MAX_LENGTH)
+    clip = CLIPTextModel(CLIPTextConfig(**small)).eval()
+    masked_clip = CLIPTextModel(CLIPTextConfig(**small, use_attention_mask=True)).eval()
+    t5 = T5EncoderModel(T5Config(vocab_size=512, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2))
+    assert not uses_attention_mask(clip)  # Stable Diffusion 2.1's CLIP: no mask
+    assert uses_attention_mask(masked_clip) and uses_attention_mask(t5)  # IF's T5: masked
+    tokenizer = build_tokenizer()
+    tokens = tokenizer(["a red cube"], padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True,
+                       return_tensors="pt")
+    with torch.no_grad():
+        unmasked = clip(tokens.input_ids)[0]
+        masked = clip(tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+    got = encode_texts(tokenizer, clip, ["a red cube"], TEXT_MAX_LENGTH)
+    torch.testing.assert_close(got, unmasked)  # the same computation on the same device
+    assert not torch.allclose(masked, unmasked)  # the mask does matter at padding positions

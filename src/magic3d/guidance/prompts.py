@@ -31,7 +31,7 @@ from magic3d.data.cameras import VIEW_NAMES, view_suffix
 from magic3d.distributed import rank_zero_first
 
 VIEW_SUFFIXES: tuple[str, ...] = tuple(view_suffix(i) for i in range(len(VIEW_NAMES)))
-_CACHE_FORMAT = "magic3d-text-embeddings-v1"
+_CACHE_FORMAT = "magic3d-text-embeddings-v2"  # v2: CLIP prompts unmasked unless the config asks
 # Config keys that change between saves of identical weights; they must not change the key.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash", "dtype", "torch_dtype")
 
@@ -111,10 +111,23 @@ def cache_key(
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def uses_attention_mask(text_encoder: torch.nn.Module) -> bool:
+    """Whether the encoder's own pipelines pass the padding mask: DeepFloyd IF does for T5;
+    Stable Diffusion does not for CLIP unless the config sets ``use_attention_mask`` (diffusers'
+    rule). It matters: CLIP's causal attention lets padding positions see each other, and the
+    UNet attends to all 77 positions."""
+    config = getattr(text_encoder, "config", None)
+    flag = getattr(config, "use_attention_mask", None)
+    if flag is not None:
+        return bool(flag)
+    return getattr(config, "model_type", "") != "clip_text_model"
+
+
 def encode_texts(
     tokenizer: Any, text_encoder: torch.nn.Module, texts: list[str], max_length: int
 ) -> Float[Tensor, "N L D"]:
-    """Token embeddings of ``texts`` padded to ``max_length`` (IF pipeline convention)."""
+    """Token embeddings of ``texts`` padded to ``max_length``, masked as the encoder's own
+    pipelines do (:func:`uses_attention_mask`)."""
     tokens = tokenizer(
         texts,
         padding="max_length",
@@ -124,10 +137,9 @@ def encode_texts(
         return_tensors="pt",
     )
     device = next(text_encoder.parameters()).device
+    mask = tokens.attention_mask.to(device) if uses_attention_mask(text_encoder) else None
     with torch.no_grad():
-        out = text_encoder(
-            tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device)
-        )
+        out = text_encoder(tokens.input_ids.to(device), attention_mask=mask)
     return out[0].float()
 
 

@@ -339,6 +339,7 @@ def build_text_encoder(config: TextEncoderConfig, vocab_size: int) -> torch.nn.M
             pad_token_id=0,
             bos_token_id=1,  # no BOS in this tokenizer; only used for the (unused) pooled output
             eos_token_id=1,
+            use_attention_mask=True,  # trained with the padding mask: the guidance must pass it too
         )
         return CLIPTextModel(clip)
     raise ValueError(f"text encoder kind={config.kind!r} is unknown: use 't5' or 'clip'.")
