@@ -210,22 +210,30 @@ def build_pixel_pipeline(
     return path
 
 
-def _write_model_index(path: Path) -> None:
+def pipeline_model_index(kind: str) -> dict:
+    """model_index.json of a pixel (DeepFloyd IF stage-I) or latent (Stable Diffusion) folder."""
     import diffusers
 
-    index = {
-        "_class_name": "IFPipeline",
+    common = {
         "_diffusers_version": diffusers.__version__,
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "text_encoder": ["transformers", "T5EncoderModel"],
         "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
         "unet": ["diffusers", "UNet2DConditionModel"],
-        "watermarker": [None, None],
     }
-    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if kind == "pixel":
+        return {"_class_name": "IFPipeline", **common, "scheduler": ["diffusers", "DDPMScheduler"],
+                "text_encoder": ["transformers", "T5EncoderModel"], "watermarker": [None, None]}
+    if kind == "latent":
+        return {"_class_name": "StableDiffusionPipeline", **common, "image_encoder": [None, None],
+                "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                "vae": ["diffusers", "AutoencoderKL"]}
+    raise ValueError(f"kind={kind!r} is unknown: use 'pixel' or 'latent'.")
+
+
+def _write_model_index(path: Path, kind: str = "pixel") -> None:
+    (path / "model_index.json").write_text(json.dumps(pipeline_model_index(kind), indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,24 +411,6 @@ def build_latent_pipeline(
     build_clip_text_encoder(size, seed).save_pretrained(path / "text_encoder", safe_serialization=True)
     build_tokenizer().save_pretrained(path / "tokenizer")
     build_latent_scheduler(prediction_type).save_pretrained(path / "scheduler")
-    _write_latent_model_index(path)
+    _write_model_index(path, "latent")
     return path
 
-
-def _write_latent_model_index(path: Path) -> None:
-    import diffusers
-
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")

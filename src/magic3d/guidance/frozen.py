@@ -33,8 +33,19 @@ class FrozenPriorGuidance(ScoreDistillation):
     TEXT_ENCODER_CLASS = ""  # transformers class of text_encoder/
 
     def _init_frozen(
-        self, pretrained: str, half_precision: bool, negative_prompt: str, cache_dir: str | None, variant: str | None
+        self,
+        pretrained: str,
+        half_precision: bool,
+        negative_prompt: str,
+        cache_dir: str | None,
+        variant: str | None,
+        max_batch_per_unet_call: int | None,
     ) -> None:
+        if max_batch_per_unet_call is not None and max_batch_per_unet_call < 1:
+            raise ValueError(
+                f"max_batch_per_unet_call={max_batch_per_unet_call} must be >= 1, or None for one call."
+            )
+        self.max_batch_per_unet_call = max_batch_per_unet_call
         self.pretrained = pretrained
         self.half_precision = half_precision
         self.negative_prompt = negative_prompt

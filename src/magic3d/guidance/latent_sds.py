@@ -136,19 +136,14 @@ class LatentSDS(FrozenPriorGuidance):
         )
         if vae_chunk_size < 1:
             raise ValueError(f"vae_chunk_size={vae_chunk_size} must be >= 1 (images per VAE-encoder call).")
-        if max_batch_per_unet_call is not None and max_batch_per_unet_call < 1:
-            raise ValueError(
-                f"max_batch_per_unet_call={max_batch_per_unet_call} must be >= 1, or None for one call."
-            )
         if prediction_type != "auto" and prediction_type not in _PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type={prediction_type!r} is unknown: use 'auto' or one of {_PREDICTION_TYPES}."
             )
-        self._init_frozen(pretrained, half_precision, negative_prompt, cache_dir, variant)
+        self._init_frozen(pretrained, half_precision, negative_prompt, cache_dir, variant, max_batch_per_unet_call)
         self.vae_chunk_size = vae_chunk_size
         self.vae_recompute = vae_recompute
         self.sample_latents = sample_latents
-        self.max_batch_per_unet_call = max_batch_per_unet_call
         self.prediction_type = prediction_type
 
     # ------------------------------------------------------------------ construction

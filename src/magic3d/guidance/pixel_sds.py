@@ -75,13 +75,8 @@ class PixelSDS(FrozenPriorGuidance):
             grad_clip=grad_clip,
             view_dependent_prompting=view_dependent_prompting,
         )
-        if max_batch_per_unet_call is not None and max_batch_per_unet_call < 1:
-            raise ValueError(
-                f"max_batch_per_unet_call={max_batch_per_unet_call} must be >= 1, or None for one call."
-            )
-        self._init_frozen(pretrained, half_precision, negative_prompt, cache_dir, variant)
+        self._init_frozen(pretrained, half_precision, negative_prompt, cache_dir, variant, max_batch_per_unet_call)
         self.enable_channels_last = enable_channels_last
-        self.max_batch_per_unet_call = max_batch_per_unet_call
 
     # ------------------------------------------------------------------ construction
 

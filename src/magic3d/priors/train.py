@@ -67,6 +67,7 @@ from jaxtyping import Float, Int, UInt8
 from torch import Tensor, nn
 
 from magic3d.data.cameras import VIEW_NAMES, view_suffix
+from magic3d.guidance.builders import pipeline_model_index
 from magic3d.guidance.prompts import encode_texts
 from magic3d.priors.card import CardInfo, PhaseSummary, save_contact_sheet, write_model_card
 from magic3d.priors.configs import (
@@ -589,35 +590,6 @@ def check_size(modules: dict[str, nn.Module], max_mb: float) -> float:
     return size
 
 
-def _model_index(kind: str) -> dict[str, Any]:
-    import diffusers
-
-    common = {
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-    }
-    if kind == "pixel":
-        return {
-            "_class_name": "IFPipeline",
-            **common,
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "text_encoder": ["transformers", "T5EncoderModel"],
-            "watermarker": [None, None],
-        }
-    return {
-        "_class_name": "StableDiffusionPipeline",
-        **common,
-        "image_encoder": [None, None],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-
-
 def save_pipeline(
     folder: Path, modules: dict[str, nn.Module], tokenizer: Any, scheduler: Any, kind: str
 ) -> None:
@@ -627,7 +599,7 @@ def save_pipeline(
         module.half().cpu().save_pretrained(folder / name, safe_serialization=True)
     tokenizer.save_pretrained(folder / "tokenizer")
     scheduler.save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps(_model_index(kind), indent=2) + "\n")
+    (folder / "model_index.json").write_text(json.dumps(pipeline_model_index(kind), indent=2) + "\n")
 
 
 def verify_pixel_pipeline(folder: Path) -> float:
