@@ -38,9 +38,11 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from magic3d.devices import module_device
 from magic3d.ops.marching_tets import Mesh, marching_tets
-from magic3d.ops.raster import rasterize, interpolate
+from magic3d.ops.raster import interpolate, rasterize
 from magic3d.ops.tetgrid import make_tet_grid
+from magic3d.scenes.dmtet import vertex_normals
 
 AlbedoFn = Callable[[Tensor], Tensor]
 
@@ -202,14 +204,6 @@ def bake_texture(
     texture, filled = dilate(texture, uv_raster.covered, padding_px)
     fill = colours.mean(0) if background is None else torch.tensor(background)
     return torch.where(filled[..., None], texture, fill.to(texture)[None, None])
-
-
-def vertex_normals(vertices: Float[Tensor, "V 3"], faces: Int[Tensor, "F 3"]) -> Float[Tensor, "V 3"]:
-    """Area-weighted vertex normals (unit; zero for unused vertices)."""
-    p0, p1, p2 = vertices[faces].unbind(-2)
-    face_normal = torch.linalg.cross(p1 - p0, p2 - p0)  # length = 2 * area: area weighting
-    normals = torch.zeros_like(vertices).index_add_(0, faces.reshape(-1), face_normal.repeat_interleave(3, 0))
-    return F.normalize(normals, dim=-1)
 
 
 def texture_mesh(mesh: Mesh, albedo_fn: AlbedoFn, resolution: int = 1024, padding_px: int = 4) -> TexturedMesh:
@@ -394,11 +388,6 @@ def largest_component(mesh: Mesh) -> Mesh:
                 vertex_edge=None if mesh.vertex_edge is None else mesh.vertex_edge[used])
 
 
-def _scene_device(scene: torch.nn.Module) -> torch.device:
-    param = next(iter(scene.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def visible_density_level(density_fn, radius: float, resolution: int, device) -> float:
     """Median density where the part that looks solid from outside (optical depth > ln 2 along
@@ -406,15 +395,14 @@ def visible_density_level(density_fn, radius: float, resolution: int, device) ->
     coarse NeRF and to a near-empty interior behind an opaque shell."""
     from magic3d.scenes.convert import sample_density_grid, visible_solid
 
-    with torch.no_grad():
-        grid = sample_density_grid(density_fn, radius, resolution, device)
-        try:
-            return visible_solid(grid, 2.0 * radius / resolution)[1]
-        except ValueError:
-            raise ValueError(
-                f"nerf_mesh: nothing in the scene is opaque (density range [{float(grid.min()):.4g}, "
-                f"{float(grid.max()):.4g}] on a {resolution}^3 grid); train the scene longer or pass a threshold"
-            ) from None
+    grid = sample_density_grid(density_fn, radius, resolution, device)
+    try:
+        return visible_solid(grid, 2.0 * radius / resolution)[1]
+    except ValueError:
+        raise ValueError(
+            f"nerf_mesh: nothing in the scene is opaque (density range [{float(grid.min()):.4g}, "
+            f"{float(grid.max()):.4g}] on a {resolution}^3 grid); train the scene longer or pass a threshold"
+        ) from None
 
 
 def nerf_mesh(
@@ -434,7 +422,7 @@ def nerf_mesh(
     ``keep_largest_component`` small floaters are dropped.
     """
     radius = float(scene.radius)
-    device = _scene_device(scene)
+    device = module_device(scene)
     grid = make_tet_grid(resolution, "kuhn", bbox=((-radius,) * 3, (radius,) * 3))
     vertices = grid.vertices.to(device)
     if threshold is None:

@@ -36,7 +36,6 @@ guidance) and classifies the samples.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
@@ -51,7 +50,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from magic3d.data.cameras import VIEW_NAMES, orbit_cameras, view_index, view_suffix
-from magic3d.eval.classifier import DEFAULT_FOLDER, Prediction, ToyWorldClassifier, read_metadata
+from magic3d.devices import module_device, resolve_device
+from magic3d.eval.classifier import (
+    DEFAULT_FOLDER,
+    Prediction,
+    ToyWorldClassifier,
+    read_metadata,
+)
 from magic3d.eval.metrics import (
     PromptOutsideToyWorld,
     ToyPrompt,
@@ -70,7 +75,13 @@ from magic3d.eval.metrics import (
     view_accuracy,
 )
 from magic3d.toyworld.dataset import ground_truth_views
-from magic3d.toyworld.shapes import COLOUR_NAMES, SHAPE_NAMES, caption, get_shape, surface_points
+from magic3d.toyworld.shapes import (
+    COLOUR_NAMES,
+    SHAPE_NAMES,
+    caption,
+    get_shape,
+    surface_points,
+)
 from magic3d.types import CameraBatch, Shading
 
 EVAL_DIR = "eval"
@@ -150,20 +161,9 @@ class EvalOptions:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 # ---------------------------------------------------------------------------------------------
 # Rendering
 # ---------------------------------------------------------------------------------------------
-
-
-def _scene_device(scene: Any) -> torch.device:
-    tensors = itertools.chain(scene.parameters(), scene.buffers())
-    return next((t.device for t in tensors), torch.device("cpu"))
 
 
 @dataclass
@@ -175,7 +175,7 @@ class SceneViews:
 @torch.no_grad()
 def render_object(scene: Any, cameras: CameraBatch, options: EvalOptions) -> SceneViews:
     """Render ``cameras`` and composite the object alone over ``options.background``."""
-    device = _scene_device(scene)
+    device = module_device(scene)
     cameras = cameras.to(device)
     backdrop = torch.tensor(options.background, device=device)
     rgbs, opacities = [], []
@@ -351,7 +351,7 @@ def evaluate_scene(
             notes.append(f"{target.shape} is symmetric: view accuracy and Janus rate do not apply")
 
         # Sphere tracing runs where the scene does (thousands of images per second on a GPU).
-        device = _scene_device(scene)
+        device = module_device(scene)
         shading = Shading(mode="lambertian", ambient=torch.full((options.views,), options.ambient, device=device))
         gt = ground_truth_views(shape, target.colour, large.to(device), shading, background=options.background)
         gt_rgb = gt.rgb.cpu()
@@ -429,7 +429,7 @@ def _mesh_chamfer(mesh: Any, shape: Any, options: EvalOptions, notes: list[str])
 
 
 def _density_chamfer(scene: Any, shape: Any, options: EvalOptions, notes: list[str]) -> dict[str, float] | None:
-    device = _scene_device(scene)
+    device = module_device(scene)
     radius = float(getattr(scene, "radius", 1.0))
     generator = torch.Generator().manual_seed(options.seed)
     surface = density_surface_points(
@@ -946,7 +946,9 @@ def evaluate_prior(
     ``colours`` mean all of them. Samples of another size than the classifier's input (the
     tiny test pipeline is 32x32, the latent prior 256x256) are resized by the classifier.
     """
-    from magic3d.priors.train import ddim_sample  # the priors' own sampler and text path
+    from magic3d.priors.train import (
+        ddim_sample,  # the priors' own sampler and text path
+    )
 
     if n_per_caption < 1:
         raise ValueError(f"n_per_caption={n_per_caption} must be >= 1")

@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from jaxtyping import Float, UInt8
 from torch import Tensor
 
-from magic3d.eval.classifier import DEFAULT_FOLDER, META_FILE, ToyWorldClassifier, count_parameters
+from magic3d.devices import resolve_device
+from magic3d.eval.classifier import (
+    DEFAULT_FOLDER,
+    META_FILE,
+    ToyWorldClassifier,
+    count_parameters,
+)
 from magic3d.toyworld.dataset import ToyWorldBatch, ToyWorldSpec, render_dataset
 from magic3d.toyworld.shapes import SHAPES
 
@@ -69,12 +75,6 @@ class ClassifierTrainResult:
     accuracy: dict[str, float]  # held-out, clean renders
     accuracy_not_overhead: dict[str, float]  # held-out, elevation <= 60 deg (the eval's cameras)
     accuracy_degraded: dict[str, float]  # held-out, blurred + noisy
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 # ---------------------------------------------------------------------------------------------

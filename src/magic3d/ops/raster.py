@@ -363,9 +363,12 @@ def interpolate(
 # ----------------------------------------------------------------------------- antialias
 
 
-def edge_opposites(faces: Int[Tensor, "F 3"]) -> Int[Tensor, "F 3"]:
+def edge_opposites(faces: Int[Tensor, "F 3"], n_vertices: int | None = None) -> Int[Tensor, "F 3"]:
     """For edge i of each face (the edge opposite vertex i), the vertex opposite it in the
     neighbouring face that shares the edge, or -1 on a boundary.
+
+    ``n_vertices`` (any bound above the largest index) keys the edges without reading
+    ``faces.max()`` back from the GPU, which would sync on every render of a changing mesh.
 
     nvdiffrast's topology hash. Non-manifold edges (3+ faces) pair faces arbitrarily, where
     nvdiffrast keeps the first two it inserted; both are heuristics for such meshes.
@@ -375,7 +378,9 @@ def edge_opposites(faces: Int[Tensor, "F 3"]) -> Int[Tensor, "F 3"]:
     a = faces[:, [1, 2, 0]].reshape(-1)
     b = faces[:, [2, 0, 1]].reshape(-1)
     lo, hi = torch.minimum(a, b), torch.maximum(a, b)
-    key = lo * (int(faces.max()) + 1 if n else 1) + hi
+    if n_vertices is None:
+        n_vertices = int(faces.max()) + 1 if n else 1
+    key = lo * n_vertices + hi
     order = torch.argsort(key, stable=True)
     sorted_key = key[order]
     same_next = torch.zeros_like(sorted_key, dtype=torch.bool)
@@ -429,7 +434,7 @@ def antialias(
         raise ValueError(f"clip_pos batch {pos.shape[0]} does not match the image batch {b}")
     faces = _check_faces(faces, pos.shape[1])
     if opposites is None:
-        opposites = edge_opposites(faces)
+        opposites = edge_opposites(faces, pos.shape[1])
     c = colour.shape[-1]
     colour_flat = colour.reshape(-1, c)
     pixel = torch.arange(b * h * w, device=colour.device).view(b, h, w)
@@ -532,13 +537,13 @@ class Rasterizer:
         self._context: Any = None
         self._topology: tuple[Tensor, int, Tensor] | None = None
 
-    def _opposites(self, faces: Tensor) -> Tensor:
+    def _opposites(self, faces: Tensor, n_vertices: int) -> Tensor:
         # Meshes are often re-rendered unchanged: reuse the topology while the very same faces
-        # tensor comes back unmodified. Holding a reference (not a data pointer) means a new
+        # tensor comes back unmodified (DMTet extracts new faces every step, so it never hits). Holding a reference (not a data pointer) means a new
         # tensor that happens to reuse the old storage can never hit a stale entry.
         cached = self._topology
         if cached is None or cached[0] is not faces or cached[1] != faces._version:
-            cached = self._topology = (faces, faces._version, edge_opposites(faces))
+            cached = self._topology = (faces, faces._version, edge_opposites(faces, n_vertices))
         return cached[2]
 
     def _use_nvdiffrast(self, device: torch.device) -> bool:
@@ -582,7 +587,7 @@ class Rasterizer:
         clip_pos: Float[Tensor, "B V 4"], faces: Int[Tensor, "F 3"],
     ) -> Float[Tensor, "B H W C"]:
         if rast.native is None or not self._use_nvdiffrast(colour.device):
-            return antialias(colour, rast, clip_pos, faces, self._opposites(faces))
+            return antialias(colour, rast, clip_pos, faces, self._opposites(faces, clip_pos.shape[-2]))
         dr = _import_nvdiffrast()
         pos = _batched_positions(clip_pos).float().contiguous()
         out = dr.antialias(colour.flip(1).float().contiguous(), rast.native, pos,

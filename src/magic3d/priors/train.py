@@ -67,9 +67,15 @@ from jaxtyping import Float, Int, UInt8
 from torch import Tensor, nn
 
 from magic3d.data.cameras import VIEW_NAMES, view_suffix
+from magic3d.devices import resolve_device
 from magic3d.guidance.builders import pipeline_model_index
 from magic3d.guidance.prompts import encode_texts
-from magic3d.priors.card import CardInfo, PhaseSummary, save_contact_sheet, write_model_card
+from magic3d.priors.card import (
+    CardInfo,
+    PhaseSummary,
+    save_contact_sheet,
+    write_model_card,
+)
 from magic3d.priors.configs import (
     TEXT_MAX_LENGTH,
     PriorConfig,
@@ -189,7 +195,12 @@ def render_toy_images(
     log: Log = _print,
 ) -> ToyImages:
     """Render up to ``n_images`` toy-world images (a prefix if ``max_seconds`` runs out)."""
-    from magic3d.toyworld.dataset import ToyWorldBatch, ToyWorldSpec, render_params, sample_params
+    from magic3d.toyworld.dataset import (
+        ToyWorldBatch,
+        ToyWorldSpec,
+        render_params,
+        sample_params,
+    )
 
     spec = ToyWorldSpec(image_size=config.image_size, supersample=config.supersample, view_captions=False)
     params = sample_params(spec, n_images, seed)
@@ -670,15 +681,6 @@ def _replace_folder(tmp: Path, out: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available: use --device cpu or auto.")
-    return resolved
 
 
 def device_name(device: torch.device) -> str:

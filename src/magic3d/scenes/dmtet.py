@@ -55,7 +55,7 @@ def vertex_normals(vertices: Float[Tensor, "M 3"], faces: Tensor) -> Float[Tenso
     return F.normalize(acc, dim=-1)
 
 
-def _edge_face_pairs(faces: Tensor) -> tuple[Tensor, Tensor]:
+def _edge_face_pairs(faces: Tensor, n_vertices: int) -> tuple[Tensor, Tensor]:
     """Indices of the two faces sharing each interior edge (boundary edges are left out).
 
     An edge met by more than two faces (non-manifold) contributes its consecutive pairs in
@@ -65,8 +65,8 @@ def _edge_face_pairs(faces: Tensor) -> tuple[Tensor, Tensor]:
     n_faces = faces.shape[0]
     a = faces[:, [0, 1, 2]].reshape(-1)
     b = faces[:, [1, 2, 0]].reshape(-1)
-    n = int(faces.max()) + 1 if faces.numel() else 1
-    key = torch.minimum(a, b) * n + torch.maximum(a, b)
+    # The vertex count keys the edges: faces.max() would sync the GPU on every render.
+    key = torch.minimum(a, b) * max(n_vertices, 1) + torch.maximum(a, b)
     order = torch.argsort(key, stable=True)
     sorted_key = key[order]
     same = sorted_key[1:] == sorted_key[:-1]
@@ -87,7 +87,7 @@ def normal_consistency(mesh: Mesh) -> Float[Tensor, ""]:
         return mesh.vertices.sum() * 0.0
     raw = face_normals(mesh.vertices, mesh.faces)
     area = raw.detach().norm(dim=-1)
-    f0, f1 = _edge_face_pairs(mesh.faces)
+    f0, f1 = _edge_face_pairs(mesh.faces, mesh.vertices.shape[0])
     keep = (area[f0] > _DEGENERATE_AREA * area.mean()) & (area[f1] > _DEGENERATE_AREA * area.mean())
     f0, f1 = f0[keep], f1[keep]
     if f0.numel() == 0:
