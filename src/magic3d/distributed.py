@@ -29,10 +29,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def global_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
-
-
 def per_rank_batch_size(global_batch_size: int, world_size: int) -> int:
     """Cameras each process renders per step; the global batch must split evenly."""
     if world_size < 1:

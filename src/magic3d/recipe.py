@@ -223,7 +223,12 @@ def _run_child(cmd: list[str]) -> int:
     try:
         return child.wait()
     except KeyboardInterrupt:
-        child.wait()
+        while True:  # a second Ctrl-C reaches the child too (it quits at once): keep waiting for it
+            try:
+                child.wait()
+                break
+            except KeyboardInterrupt:
+                continue
         raise
 
 

@@ -183,6 +183,7 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
     from magic3d.distributed import per_rank_batch_size, resolve_strategy
+    from magic3d.interrupt import StopOnInterrupt
     from magic3d.scenes.checkpoint import start_from_checkpoint
     from magic3d.video import render_turntable
 
@@ -217,7 +218,7 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
         **trainer_kwargs,
         default_root_dir=str(stage_dir),
         logger=_loggers(stage_dir, run, name=f"{stage_dir.parent.name}/{stage_dir.name}"),
-        callbacks=[periodic, TQDMProgressBar(refresh_rate=10)],
+        callbacks=[periodic, StopOnInterrupt(ckpt_dir / "last.ckpt"), TQDMProgressBar(refresh_rate=10)],
         enable_checkpointing=True,
         use_distributed_sampler=False,
     )
@@ -232,12 +233,7 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
                 weights_only=True)
     fit_seconds = time.time() - started
     if trainer.interrupted or trainer.global_step < (trainer.max_steps or 0):
-        if trainer.interrupted and trainer.global_step > 0:
-            # Lightning stops between steps on Ctrl-C, so this state is consistent: keep it,
-            # and flush the metrics logged so far (the CSV logger buffers between flushes).
-            trainer.save_checkpoint(ckpt_dir / "last.ckpt")
-            for logger in trainer.loggers:
-                logger.save()
+        # Ctrl-C (StopOnInterrupt) already saved last.ckpt at a step boundary.
         raise SystemExit(f"[magic3d] stage stopped at step {trainer.global_step}; rerun to continue")
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")
 

@@ -84,11 +84,15 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path, tiny_pixel
     assert first_ckpt.exists(), "no checkpoint before the deadline"
     time.sleep(0.5)  # let the checkpoint file be fully written
     os.killpg(process.pid, signal.SIGINT)  # Ctrl-C, as a user would
-    process.communicate(timeout=120)
+    output, _ = process.communicate(timeout=120)
     assert process.returncode != 0
+    assert "stopping after this step and saving a checkpoint" in output  # not Lightning's exit
     assert not (run_dir / "coarse" / "DONE.json").exists()
-    interrupted_at = torch.load(run_dir / "coarse" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    checkpoints = run_dir / "coarse" / "checkpoints"
+    interrupted_at = torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
     assert 0 < interrupted_at < 30
+    periodic = max(torch.load(p, weights_only=True)["global_step"] for p in checkpoints.glob("step*.ckpt"))
+    assert interrupted_at >= periodic  # saved at the interrupt, not only at the last periodic save
 
     result = run_cli(*args)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]

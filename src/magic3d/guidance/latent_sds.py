@@ -259,6 +259,9 @@ class LatentSDS(FrozenPriorGuidance):
     ) -> tuple[Float[Tensor, "B C H W"], Float[Tensor, "B C H W"]]:
         """(eps_cond, eps_uncond) from one CFG batch of 2B, converted to epsilon."""
         output = cfg_unet_outputs(self.unet, z_t, t, cond, uncond, self.max_batch_per_unet_call)
+        if self.resolved_prediction_type == "epsilon":  # SD 2.1-base and the toy prior: nothing to convert
+            eps_cond, eps_uncond = output.chunk(2)
+            return eps_cond, eps_uncond
         with torch.no_grad():  # no gradient through the noise estimate (SDS)
             alpha_bar = self.alphas_cumprod.to(z_t.device)[torch.cat([t, t])]
             eps = eps_from_prediction(output, torch.cat([z_t, z_t]).float(), alpha_bar,
