@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magic3d", description=__doc__)
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(args.config, args.stage_dir)
             return 0
     except (ConfigError, FileNotFoundError, ValueError) as err:
+        if isinstance(err, ValueError) and not _raised_by_magic3d(err):
+            raise  # a library's ValueError is a bug to report with its traceback, not a user error
         print(f"[magic3d] error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
@@ -88,3 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         print("[magic3d] interrupted; the last checkpoint is kept, rerun to continue", file=sys.stderr)
         return 130
     return 1
+
+
+def _raised_by_magic3d(err: BaseException) -> bool:
+    """Whether the innermost frame of ``err`` is this package's code (our messages name the fix)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE_DIR)
