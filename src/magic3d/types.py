@@ -11,7 +11,7 @@ from +z. Angles are radians in code, degrees in configs. Images are channel-last
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from jaxtyping import Float, Int
@@ -86,14 +86,10 @@ class RenderOutput:
     normal: Float[Tensor, "B H W 3"] | None = None  # world-space, unit where opacity > 0
     albedo: Float[Tensor, "B H W 3"] | None = None  # unshaded colour, no background
     background: Float[Tensor, "B H W 3"] | None = None
-    # Per-render regulariser terms (scalars) that need per-sample quantities; the stage
-    # weights them. None where the scene does not define them.
-    orientation: Float[Tensor, ""] | None = None
-    sparsity: Float[Tensor, ""] | None = None
-    # Mesh scenes only (DMTet): 1 - cos between normals of faces sharing an edge, and the
-    # uniform-Laplacian smoothness of the extracted surface.
-    normal_consistency: Float[Tensor, ""] | None = None
-    laplacian: Float[Tensor, ""] | None = None
+    # The scene's own regulariser terms (scalars), by the names its ``regulariser_names()``
+    # declares (e.g. the NeRF's "orientation" and "sparsity", the mesh's "normal_consistency"
+    # and "laplacian"); the stage weights them. A mapping because the names are the scene's.
+    regularisers: dict[str, Float[Tensor, ""]] = field(default_factory=dict)
     samples_per_ray: float | None = None  # mean marched samples, for logging
 
 

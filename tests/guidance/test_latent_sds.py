@@ -130,7 +130,7 @@ def test_gradient_reaches_render_through_the_vae_encoder(tiny_vae: nn.Module) ->
     assert torch.isfinite(rgb.grad).all() and rgb.grad.abs().max() > 0
     # It is exactly the VAE-encoder VJP of d loss / d z (no other path from rgb to the loss).
     probe = rgb.detach().requires_grad_(True)
-    (vjp,) = torch.autograd.grad(LatentSDS.encode(guidance, guidance.preprocess(probe)), probe, seen[0].grad)
+    (vjp,) = torch.autograd.grad(LatentSDS.encode(guidance, guidance.to_vae_input(probe)), probe, seen[0].grad)
     # Same float32 ops in the same order: only checkpoint recomputation could differ, and it
     # is deterministic on CPU.
     torch.testing.assert_close(rgb.grad, vjp, rtol=1e-5, atol=1e-8)
@@ -203,7 +203,7 @@ def test_sd_2_1_base_architecture_on_meta_device() -> None:
     assert sum(p.numel() for p in unet.parameters()) == 865_910_724
     assert sum(p.numel() for p in vae.parameters()) == 83_653_863
     guidance = LatentSDS.from_modules(unet, vae, build_latent_scheduler(), text_embeddings=stub_embeddings())
-    guidance._frozen.update(unet=unet, vae=vae)  # inspect sizes without moving meta tensors
+    guidance.frozen.models.update(unet=unet, vae=vae)  # inspect sizes without moving meta tensors
     assert guidance.image_size == (512, 512)
 
 

@@ -135,7 +135,7 @@ def test_renders_are_resized_to_the_unet_resolution() -> None:
     assert rgb.grad.shape == rgb.shape and torch.count_nonzero(rgb.grad) > 0
     constant = torch.full((1, 2 * S, 2 * S, 3), 0.25)
     # Resizing a constant image keeps it constant (bilinear weights sum to 1; float32 ulps).
-    torch.testing.assert_close(guidance.preprocess(constant), torch.full((1, 3, S, S), -0.5))
+    torch.testing.assert_close(guidance.to_model_space(constant), torch.full((1, 3, S, S), -0.5))
 
 
 def test_stub_guidance_has_empty_state_dict() -> None:

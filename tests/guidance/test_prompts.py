@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from magic3d.guidance.frozen import FrozenPipeline
 from magic3d.guidance.pixel_sds import TEXT_MAX_LENGTH, PixelSDS
 from magic3d.guidance.prompts import (
     VIEW_SUFFIXES,
@@ -66,20 +67,20 @@ def test_default_cache_dir_honours_env(monkeypatch: pytest.MonkeyPatch, tmp_path
 
 
 class EncoderSpy:
-    """Wraps PixelSDS._load_text_encoder: counts loads, keeps weak references to encoders."""
+    """Wraps FrozenPipeline._load_text_encoder: counts loads, keeps weak references to encoders."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
         self.encoders: list[weakref.ref] = []
-        original = PixelSDS._load_text_encoder
+        original = FrozenPipeline._load_text_encoder
 
-        def spy(guidance, device, dtype):
+        def spy(pipeline, device, dtype):
             self.calls += 1
-            tokenizer, encoder = original(guidance, device, dtype)
+            tokenizer, encoder = original(pipeline, device, dtype)
             self.encoders.append(weakref.ref(encoder))
             return tokenizer, encoder
 
-        monkeypatch.setattr(PixelSDS, "_load_text_encoder", spy)
+        monkeypatch.setattr(FrozenPipeline, "_load_text_encoder", spy)
 
 
 def test_second_setup_reads_cache_without_text_encoder(

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from magic3d.guidance.frozen import PipelineLayout
 from magic3d.guidance.base import (
     WEIGHTINGS,
     ScoreDistillation,
@@ -31,17 +32,13 @@ def cosine_alphas_cumprod(steps: int = 1000) -> torch.Tensor:
 
 
 class Distiller(ScoreDistillation):
-    """Smallest concrete guidance: only the shared distill() is exercised."""
+    """Smallest concrete guidance: only the shared distill() is exercised (no pipeline is loaded)."""
 
-    def setup(self, prompt, device):  # pragma: no cover - not used
-        pass
-
-    def step(self, rgb, cameras, progress):  # pragma: no cover - not used
-        raise NotImplementedError
+    LAYOUT = PipelineLayout(name="none", parts=("unet",), text_encoder_class="none")
 
 
 def make_distiller(**kwargs) -> Distiller:
-    guidance = Distiller(**kwargs)
+    guidance = Distiller("<no pipeline>", **kwargs)
     guidance.set_alphas_cumprod(cosine_alphas_cumprod())
     return guidance
 
@@ -94,7 +91,7 @@ def test_sds_weights_values() -> None:
     with pytest.raises(ValueError, match="weighting"):
         sds_weight(ab, "snr")
     with pytest.raises(ValueError, match="weighting"):
-        Distiller(weighting="snr")
+        Distiller("<no pipeline>", weighting="snr")
 
 
 def test_perfect_predictor_gives_zero_gradient() -> None:
@@ -186,7 +183,7 @@ def test_gradient_clipping_bounds_per_sample_norm() -> None:
     g = torch.randn(4, 3, 2, 2)
     assert torch.equal(clip_gradient_norm(torch.zeros_like(g), 1.0), torch.zeros_like(g))
     with pytest.raises(ValueError, match="grad_clip"):
-        Distiller(grad_clip=0.0)
+        Distiller("<no pipeline>", grad_clip=0.0)
 
 
 def test_surrogate_loss_gradient_is_batch_mean_of_grad() -> None:
@@ -242,4 +239,4 @@ def test_invalid_timestep_ranges_raise() -> None:
 
 def test_distill_before_setup_raises() -> None:
     with pytest.raises(RuntimeError, match="setup"):
-        Distiller().distill(torch.zeros(1, 3, 2, 2), lambda a, b: (a, a), 0.0)
+        Distiller("<no pipeline>").distill(torch.zeros(1, 3, 2, 2), lambda a, b: (a, a), 0.0)

@@ -1,10 +1,11 @@
-"""Score Distillation Sampling math shared by every guidance (pixel or latent space).
+"""The ``Guidance`` protocol, and the Score Distillation Sampling shared by every SDS guidance.
 
-Nothing here knows about pixels, VAEs or text: a guidance maps its input to the model's
+The math knows nothing about pixels, VAEs or text: a guidance maps its input to the model's
 sample space ``x`` (B, C, H, W) and hands ``ScoreDistillation.distill`` a callable that
 predicts the conditional and unconditional noise for ``x_t``. The rest — timestep sampling,
 noising, classifier-free guidance, weighting, NaN guard, clipping and the surrogate loss —
-is identical for DreamFusion-style pixel SDS and Magic3D's latent SDS.
+is identical for DreamFusion-style pixel SDS and Magic3D's latent SDS, and so is the step
+around it (``ScoreDistillation.step``): subclasses differ only where the models differ.
 
 Conventions (DreamFusion / Magic3D, REFERENCE.md):
 
@@ -16,15 +17,18 @@ Conventions (DreamFusion / Magic3D, REFERENCE.md):
 
 from __future__ import annotations
 
-from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, ClassVar, Literal, Protocol, get_args, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from magic3d.data.cameras import view_index
+from magic3d.guidance.frozen import FrozenPipeline, InMemoryParts, PipelineLayout
+from magic3d.guidance.loading import cfg_unet_outputs
+from magic3d.guidance.prompts import PromptEmbeddings
 from magic3d.types import CameraBatch, GuidanceOutput
 
 Weighting = Literal["sds", "uniform", "sqrt_alpha_one_minus"]
@@ -158,14 +162,36 @@ def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
 
 
-class ScoreDistillation(nn.Module):
-    """Base of every SDS guidance: shared hyper-parameters and the distillation step.
+@runtime_checkable
+class Guidance(Protocol):
+    """What ``TextTo3D`` needs from a guidance; stage configs are checked against it.
 
-    Subclasses load their frozen model in ``setup`` (never in ``__init__``, never into the
-    state_dict) and implement ``step``, which maps renders to the model's sample space and
-    calls ``distill``.
+    ``setup`` loads whatever is heavy (frozen models, prompt embeddings) on the training
+    device; ``step`` turns channel-last renders into a loss whose gradient is the guidance's
+    signal; ``param_groups`` names the guidance's own trainable parameters (e.g. LoRA
+    adapters), which reach the optimiser with their own learning rate (empty for frozen SDS).
+    """
+
+    def setup(self, prompt: str, device: torch.device | str) -> None:
+        """Load the frozen model and the prompt embeddings onto ``device``."""
+
+    def step(self, rgb: Float[Tensor, "B H W 3"], cameras: CameraBatch, progress: float) -> GuidanceOutput:
+        """One guidance step on channel-last renders in [0, 1]."""
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by named part; {} when everything is frozen."""
+
+
+class ScoreDistillation(nn.Module):
+    """Base of the SDS guidances: shared hyper-parameters, frozen-pipeline lifecycle and step.
+
+    A subclass names its pipeline family (``LAYOUT``) and says how renders become the model's
+    sample space (``to_model_space``); a latent prior also converts its UNet's output to
+    epsilon (``noise_from_output``). The frozen models live in a :class:`FrozenPipeline`
+    (composition): loaded in ``setup`` (never in ``__init__``), never in the state_dict.
 
     Args:
+        pretrained: local diffusers pipeline folder or Hugging Face Hub id.
         guidance_scale: classifier-free guidance scale ``s`` in ``eps_u + s (eps_c - eps_u)``.
         min_step_percent, max_step_percent: timestep range as fractions of T.
         anneal_to: optional (min, max) range reached linearly at the end of training.
@@ -173,10 +199,21 @@ class ScoreDistillation(nn.Module):
         grad_clip: optional per-sample L2-norm bound on the SDS gradient (see
             ``clip_gradient_norm``); None disables clipping.
         view_dependent_prompting: append ", front view" etc. to the prompt per camera.
+        half_precision: bfloat16 frozen models and embeddings on CUDA; CPU always runs float32.
+        negative_prompt: text for the unconditional branch.
+        cache_dir: text-embedding cache folder (default: ``$MAGIC3D_CACHE/text_embeddings``
+            or ``~/.cache/magic3d/text_embeddings``).
+        variant: weight-file variant to load, e.g. "fp16".
+        max_batch_per_unet_call: split the 2B-sample CFG forward into chunks of at most this
+            many samples to bound activation memory; None runs it in one call.
+        enable_channels_last: channels-last frozen models on CUDA (faster convolutions).
     """
+
+    LAYOUT: ClassVar[PipelineLayout]
 
     def __init__(
         self,
+        pretrained: str,
         guidance_scale: float = 20.0,
         min_step_percent: float = 0.02,
         max_step_percent: float = 0.98,
@@ -184,34 +221,83 @@ class ScoreDistillation(nn.Module):
         weighting: Weighting = "sds",
         grad_clip: float | None = None,
         view_dependent_prompting: bool = True,
+        half_precision: bool = True,
+        negative_prompt: str = "",
+        cache_dir: str | None = None,
+        variant: str | None = None,
+        max_batch_per_unet_call: int | None = None,
+        enable_channels_last: bool = False,
     ) -> None:
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={weighting!r} is unknown: use one of {WEIGHTINGS}.")
         if grad_clip is not None and grad_clip <= 0:
             raise ValueError(f"grad_clip={grad_clip} must be positive, or None to disable.")
+        if max_batch_per_unet_call is not None and max_batch_per_unet_call < 1:
+            raise ValueError(
+                f"max_batch_per_unet_call={max_batch_per_unet_call} must be >= 1, or None for one call.")
         self.guidance_scale = float(guidance_scale)
         self.weighting = weighting
         self.grad_clip = grad_clip
         self.view_dependent_prompting = view_dependent_prompting
+        self.max_batch_per_unet_call = max_batch_per_unet_call
+        self.enable_channels_last = enable_channels_last
         self.schedule = TimestepSchedule(
             min_step_percent, max_step_percent, tuple(anneal_to) if anneal_to else None
         )
-        # Set by subclasses in setup(); a plain tensor attribute, not a buffer, so it never
-        # enters the state_dict.
+        self.frozen = FrozenPipeline(self.LAYOUT, pretrained, half_precision, negative_prompt, cache_dir, variant)
+        # Set in setup(); a plain tensor attribute, not a buffer, so it never enters the state_dict.
         self.alphas_cumprod: Tensor | None = None
 
-    @abstractmethod
-    def setup(self, prompt: str, device: torch.device | str) -> None:
-        """Load the frozen model and the prompt embeddings onto ``device``."""
-        raise NotImplementedError
+    @classmethod
+    def _from_parts(cls, models: dict[str, nn.Module], scheduler: Any, text_embeddings: PromptEmbeddings | None,
+                    tokenizer: Any, text_encoder: nn.Module | None, kwargs: dict[str, Any]):
+        guidance = cls(pretrained=kwargs.pop("pretrained", "<in-memory>"), **kwargs)
+        guidance.frozen.use_in_memory(InMemoryParts(models, scheduler, text_embeddings, tokenizer, text_encoder))
+        return guidance
 
-    @abstractmethod
-    def step(
-        self, rgb: Float[Tensor, "B H W 3"], cameras: CameraBatch, progress: float
-    ) -> GuidanceOutput:
-        """One SDS step on channel-last renders in [0, 1]."""
-        raise NotImplementedError
+    # ------------------------------------------------------------------ frozen parts
+
+    @property
+    def pretrained(self) -> str:
+        return self.frozen.pretrained
+
+    @property
+    def negative_prompt(self) -> str:
+        return self.frozen.negative_prompt
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.frozen.part("unet", type(self).__name__)
+
+    @property
+    def embeddings(self) -> PromptEmbeddings:
+        return self.frozen.embeddings(type(self).__name__)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        return {}
+
+    def setup(self, prompt: str, device: torch.device | str) -> None:
+        """Load the frozen models and noise schedule, get the prompt embeddings, free the text
+        encoder; again (Lightning runs setup per stage): re-place, new prompt's embeddings."""
+        first = not self.frozen.loaded
+        self.frozen.setup(prompt, device, self._prepare)
+        if first:
+            self.on_loaded(self.frozen.scheduler)
+            self.set_alphas_cumprod(torch.as_tensor(self.frozen.scheduler.alphas_cumprod))
+        self.alphas_cumprod = self.alphas_cumprod.to(device)
+
+    def on_loaded(self, scheduler: Any) -> None:
+        """Hook: read what the subclass needs from the scheduler."""
+
+    def _prepare(self, name: str, module: nn.Module, device: torch.device) -> nn.Module:
+        if self.enable_channels_last and device.type == "cuda":
+            return module.to(memory_format=torch.channels_last)
+        return module
+
+    def _place(self, device: torch.device) -> None:
+        self.frozen.place(device, self._prepare)
+        self.alphas_cumprod = self.alphas_cumprod.to(device)
 
     def set_alphas_cumprod(self, alphas_cumprod: Float[Tensor, "T"]) -> None:
         """Install the noise schedule; T comes from its length."""
@@ -220,6 +306,46 @@ class ScoreDistillation(nn.Module):
         self.schedule = TimestepSchedule(
             s.min_step_percent, s.max_step_percent, s.anneal_to, int(alphas_cumprod.shape[0])
         )
+
+    # ------------------------------------------------------------------ the step
+
+    def to_model_space(self, rgb: Float[Tensor, "B H W 3"]) -> Float[Tensor, "B C h w"]:
+        """Channel-last [0, 1] renders -> the diffusion model's sample space, differentiably."""
+        raise NotImplementedError(f"{type(self).__name__} must implement to_model_space()")
+
+    def noise_from_output(self, output: Float[Tensor, "B C h w"], x_t: Float[Tensor, "B C h w"],
+                          t: Int[Tensor, "B"]) -> Float[Tensor, "B C h w"]:
+        """The UNet's raw output as an epsilon estimate (identity for epsilon models)."""
+        return output
+
+    def step(self, rgb: Float[Tensor, "B H W 3"], cameras: CameraBatch, progress: float) -> GuidanceOutput:
+        """SDS loss for a batch of renders; its gradient reaches ``rgb`` only."""
+        if rgb.ndim != 4 or rgb.shape[-1] != 3:
+            raise ValueError(f"rgb must be (B, H, W, 3) channel-last, got {tuple(rgb.shape)}.")
+        if self.frozen.needs_placing(rgb.device):
+            self._place(rgb.device)
+        x = self.to_model_space(rgb)
+        views = view_index(cameras.elevation, cameras.azimuth)
+        cond, uncond = self.embeddings.embeddings_for(views, self.view_dependent_prompting)
+        return self.distill(x, lambda x_t, t: self.predict_noise(x_t, t, cond, uncond), progress)
+
+    def predict_noise(
+        self,
+        x_t: Float[Tensor, "B C H W"],
+        t: Int[Tensor, "B"],
+        cond: Float[Tensor, "B L D"],
+        uncond: Float[Tensor, "B L D"],
+    ) -> tuple[Float[Tensor, "B C H W"], Float[Tensor, "B C H W"]]:
+        """(eps_cond, eps_uncond) from one CFG batch of 2B through the frozen UNet.
+
+        Extra output channels (IF's learned variance) are dropped: only epsilon is used.
+        """
+        output = cfg_unet_outputs(self.unet, x_t, t, cond, uncond, self.max_batch_per_unet_call,
+                                  channels_last=self.enable_channels_last)
+        with torch.no_grad():  # no gradient through the noise estimate (SDS)
+            eps = self.noise_from_output(output, torch.cat([x_t, x_t]).float(), torch.cat([t, t]))
+        eps_cond, eps_uncond = eps.chunk(2)
+        return eps_cond, eps_uncond
 
     def distill(
         self,

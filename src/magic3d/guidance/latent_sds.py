@@ -16,7 +16,7 @@ Design choices:
   512² image in SD's VAE) at the cost of one extra encoder forward per step.
 - The UNet may predict epsilon, v or x0 (``prediction_type``, read from the scheduler config
   by default); outputs are converted to epsilon before classifier-free guidance.
-- Frozen VAE and UNet are held outside ``nn.Module`` registration (as in ``PixelSDS``): not in
+- Frozen VAE and UNet live in the guidance's ``FrozenPipeline`` (as in ``PixelSDS``): not in
   ``state_dict()``, untouched by a parent's ``.to()``; ``step`` moves them to the renders' device.
 - Text embeddings go through the shared disk cache (``magic3d.guidance.prompts``) with the
   pipeline's own tokenizer and CLIP text encoder, padded to 77 tokens.
@@ -32,12 +32,11 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from magic3d.data.cameras import view_index
-from magic3d.guidance.base import Weighting
-from magic3d.guidance.frozen import FrozenPriorGuidance
-from magic3d.guidance.loading import cfg_unet_outputs, module_dtype
+from magic3d.guidance.base import ScoreDistillation
+from magic3d.guidance.frozen import PipelineLayout
+from magic3d.guidance.loading import module_dtype
 from magic3d.guidance.prompts import PromptEmbeddings
-from magic3d.types import CameraBatch, GuidanceOutput
+
 PredictionType = Literal["auto", "epsilon", "v_prediction", "sample"]
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -76,7 +75,7 @@ def vae_input_size(unet: nn.Module, vae: nn.Module) -> tuple[int, int]:
     return size[0] * factor, size[1] * factor
 
 
-class LatentSDS(FrozenPriorGuidance):
+class LatentSDS(ScoreDistillation):
     """Score distillation from a latent prior (Stable Diffusion layout), gradient through the VAE.
 
     Args:
@@ -84,69 +83,41 @@ class LatentSDS(FrozenPriorGuidance):
             "stabilityai/stable-diffusion-2-1-base").
         guidance_scale: CFG scale in ``eps_u + s (eps_c - eps_u)``; 100 as in DreamFusion and
             Magic3D (threestudio's SD scale 100 is 101 here).
-        min_step_percent, max_step_percent: fine-stage range [0.02, 0.5] of T by default.
-        half_precision: bfloat16 UNet, VAE and embeddings on CUDA; CPU always runs float32.
-        negative_prompt: text for the unconditional branch.
-        cache_dir: text-embedding cache folder (default: ``$MAGIC3D_CACHE/text_embeddings``).
+        max_step_percent: the fine stage's range ends at 0.5 of T by default.
         vae_chunk_size: images per VAE-encoder call (bounds activation memory, see module doc).
         vae_recompute: checkpoint each chunk (recompute in backward) so only one chunk's
             activations are alive; False keeps all of them (faster, more memory).
         sample_latents: sample the VAE posterior instead of using its mean.
-        max_batch_per_unet_call: split the 2B-sample CFG forward into chunks of at most this
-            many samples; None runs it in one call.
-        variant: weight-file variant, e.g. "fp16".
         prediction_type: "auto" reads the scheduler config; or force "epsilon",
             "v_prediction" (SD 2.1 768 px) or "sample".
-        Other arguments: see ``ScoreDistillation``.
+        Other arguments: see :class:`~magic3d.guidance.base.ScoreDistillation`.
     """
 
-    PARTS = ("vae", "unet")
-    PIPELINE_NAME = "Stable Diffusion"
-    PIPELINE_LAYOUT = "vae/, unet/, text_encoder/, tokenizer/, scheduler/ and model_index.json"
-    TEXT_ENCODER_CLASS = "CLIPTextModel"
+    LAYOUT = PipelineLayout(name="Stable Diffusion", parts=("vae", "unet"), text_encoder_class="CLIPTextModel")
 
     def __init__(
         self,
         pretrained: str,
         guidance_scale: float = 100.0,
-        min_step_percent: float = 0.02,
         max_step_percent: float = 0.5,
-        anneal_to: tuple[float, float] | None = None,
-        weighting: Weighting = "sds",
-        grad_clip: float | None = None,
-        view_dependent_prompting: bool = True,
-        half_precision: bool = True,
-        negative_prompt: str = "",
-        cache_dir: str | None = None,
         vae_chunk_size: int = 4,
         vae_recompute: bool = True,
         sample_latents: bool = False,
-        max_batch_per_unet_call: int | None = None,
-        variant: str | None = None,
         prediction_type: PredictionType = "auto",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            guidance_scale=guidance_scale,
-            min_step_percent=min_step_percent,
-            max_step_percent=max_step_percent,
-            anneal_to=anneal_to,
-            weighting=weighting,
-            grad_clip=grad_clip,
-            view_dependent_prompting=view_dependent_prompting,
-        )
+        super().__init__(pretrained, guidance_scale=guidance_scale, max_step_percent=max_step_percent, **kwargs)
         if vae_chunk_size < 1:
             raise ValueError(f"vae_chunk_size={vae_chunk_size} must be >= 1 (images per VAE-encoder call).")
         if prediction_type != "auto" and prediction_type not in _PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type={prediction_type!r} is unknown: use 'auto' or one of {_PREDICTION_TYPES}."
             )
-        self._init_frozen(pretrained, half_precision, negative_prompt, cache_dir, variant, max_batch_per_unet_call)
         self.vae_chunk_size = vae_chunk_size
         self.vae_recompute = vae_recompute
         self.sample_latents = sample_latents
         self.prediction_type = prediction_type
-
-    # ------------------------------------------------------------------ construction
+        self._resolved_prediction_type: str | None = None
 
     @classmethod
     def from_modules(
@@ -170,10 +141,10 @@ class LatentSDS(FrozenPriorGuidance):
 
     @property
     def vae(self) -> nn.Module:
-        return self._require("vae")
+        return self.frozen.part("vae", type(self).__name__)
 
-    def _on_loaded(self, scheduler: Any) -> None:
-        self._frozen["resolved_prediction_type"] = self._resolve_prediction_type(scheduler)
+    def on_loaded(self, scheduler: Any) -> None:
+        self._resolved_prediction_type = self._resolve_prediction_type(scheduler)
 
     def _resolve_prediction_type(self, scheduler: Any) -> str:
         if self.prediction_type != "auto":
@@ -189,8 +160,10 @@ class LatentSDS(FrozenPriorGuidance):
 
     @property
     def resolved_prediction_type(self) -> str:
-        """What the UNet predicts, as used in ``predict_noise`` (known after ``setup``)."""
-        return self._require("resolved_prediction_type")
+        """What the UNet predicts, as used in ``noise_from_output`` (known after ``setup``)."""
+        if self._resolved_prediction_type is None:
+            raise RuntimeError(f"{type(self).__name__}.setup(prompt, device) must run before the prediction type is used.")
+        return self._resolved_prediction_type
 
     # ------------------------------------------------------------------ the step
 
@@ -199,7 +172,11 @@ class LatentSDS(FrozenPriorGuidance):
         """(H, W) the renders are resized to before encoding (512x512 for SD 2.1-base)."""
         return vae_input_size(self.unet, self.vae)
 
-    def preprocess(self, rgb: Float[Tensor, "B H W 3"]) -> Float[Tensor, "B 3 S S"]:
+    def to_model_space(self, rgb: Float[Tensor, "B H W 3"]) -> Float[Tensor, "B 4 s s"]:
+        """Scaled VAE latents of channel-last [0, 1] renders (no decoder call)."""
+        return self.encode(self.to_vae_input(rgb))
+
+    def to_vae_input(self, rgb: Float[Tensor, "B H W 3"]) -> Float[Tensor, "B 3 S S"]:
         """Channel-last [0, 1] renders -> channel-first [-1, 1] at the VAE's input size."""
         x = rgb.permute(0, 3, 1, 2).float()
         size = self.image_size
@@ -236,35 +213,10 @@ class LatentSDS(FrozenPriorGuidance):
         dist = vae.encode(x.to(module_dtype(vae))).latent_dist
         return dist.mean, dist.std
 
-    def step(
-        self, rgb: Float[Tensor, "B H W 3"], cameras: CameraBatch, progress: float
-    ) -> GuidanceOutput:
-        """SDS loss on the latents of a batch of renders; its gradient reaches ``rgb`` through
-        the VAE encoder (no decoder call)."""
-        if rgb.ndim != 4 or rgb.shape[-1] != 3:
-            raise ValueError(f"rgb must be (B, H, W, 3) channel-last, got {tuple(rgb.shape)}.")
-        if self._needs_placing(rgb.device):
-            self._place(rgb.device)
-        z = self.encode(self.preprocess(rgb))
-        views = view_index(cameras.elevation, cameras.azimuth)
-        cond, uncond = self.embeddings.embeddings_for(views, self.view_dependent_prompting)
-        return self.distill(z, lambda z_t, t: self.predict_noise(z_t, t, cond, uncond), progress)
-
-    def predict_noise(
-        self,
-        z_t: Float[Tensor, "B C H W"],
-        t: Tensor,
-        cond: Float[Tensor, "B L D"],
-        uncond: Float[Tensor, "B L D"],
-    ) -> tuple[Float[Tensor, "B C H W"], Float[Tensor, "B C H W"]]:
-        """(eps_cond, eps_uncond) from one CFG batch of 2B, converted to epsilon."""
-        output = cfg_unet_outputs(self.unet, z_t, t, cond, uncond, self.max_batch_per_unet_call)
+    def noise_from_output(self, output: Float[Tensor, "B C h w"], x_t: Float[Tensor, "B C h w"],
+                          t: Tensor) -> Float[Tensor, "B C h w"]:
+        """Epsilon from the UNet's epsilon, v or x0 prediction."""
         if self.resolved_prediction_type == "epsilon":  # SD 2.1-base and the toy prior: nothing to convert
-            eps_cond, eps_uncond = output.chunk(2)
-            return eps_cond, eps_uncond
-        with torch.no_grad():  # no gradient through the noise estimate (SDS)
-            alpha_bar = self.alphas_cumprod.to(z_t.device)[torch.cat([t, t])]
-            eps = eps_from_prediction(output, torch.cat([z_t, z_t]).float(), alpha_bar,
-                                      self.resolved_prediction_type)
-        eps_cond, eps_uncond = eps.chunk(2)
-        return eps_cond, eps_uncond
+            return output
+        alpha_bar = self.alphas_cumprod.to(x_t.device)[t]
+        return eps_from_prediction(output, x_t, alpha_bar, self.resolved_prediction_type)

@@ -1,40 +1,96 @@
 """The scene protocol every 3D representation implements, plus shading shared by all scenes.
 
 A scene is an ``nn.Module`` that renders a batch of cameras into a :class:`RenderOutput`.
-The training stage only ever calls the three methods below, so a new representation is one
-subclass; ablations swap it by ``class_path`` in YAML.
+Its abilities are declared methods of :class:`Scene` (a mesh of its own, a density field,
+its own regulariser terms), never probed with ``hasattr``; a new representation is one
+:class:`SceneModule` subclass, swapped in by ``class_path`` in YAML.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from magic3d.ops.marching_tets import Mesh
 from magic3d.types import CameraBatch, RenderOutput, Shading
 
 SHADING_MODES = ("albedo", "lambertian", "textureless")
 
 
-class Scene(nn.Module):
-    """Base class of all scenes (NeRF, DMTet, ...)."""
+@dataclass(frozen=True)
+class DensityField:
+    """A scene seen as a density field: what conversion, mesh export and evaluation query.
+
+    ``density(points)`` is volume density (1/length) and ``albedo(points)`` colour in [0, 1] at
+    world-space points inside the box ``[-radius, radius]^3``.
+    """
+
+    density: Callable[[Tensor], Tensor]
+    albedo: Callable[[Tensor], Tensor]
+    radius: float
+
+
+@runtime_checkable
+class Scene(Protocol):
+    """What a 3D representation must offer to be optimised by ``TextTo3D`` and read by export
+    and evaluation. Configs are checked against it (jsonargparse refuses a ``class_path`` that
+    does not implement it). Subclass :class:`SceneModule` for the defaults of the optional
+    abilities (``extract_mesh``, ``density_field``, ``regulariser_names``)."""
 
     def render(self, cameras: CameraBatch, shading: Shading) -> RenderOutput:
-        raise NotImplementedError(f"{type(self).__name__} must implement render()")
+        """Render a batch of cameras (channel-last, [0, 1]) with the given shading."""
 
     def update_step(self, step: int) -> None:
         """Per-iteration housekeeping before the render (occupancy updates etc.)."""
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by named part ("encoding", "network", "background", ...).
+        """Trainable parameters by named part; the stage maps a learning rate to each name."""
 
-        The stage maps a learning rate to each name. Every trainable parameter must appear
-        in exactly one group; parts without parameters are left out. The default puts
-        everything under "network".
-        """
+    def regulariser_names(self) -> tuple[str, ...]:
+        """Names of the scalar terms this scene puts in ``RenderOutput.regularisers``."""
+
+    def albedo(self, points: Float[Tensor, "P 3"]) -> Float[Tensor, "P 3"]:
+        """Unshaded colour in [0, 1] at world-space points (texture baking, conversion)."""
+
+    def extract_mesh(self) -> Mesh | None:
+        """The scene's own explicit surface (DMTet), or None when it has none (NeRF)."""
+
+    def density_field(self) -> DensityField | None:
+        """The scene as a density field (NeRF), or None when it is not one (DMTet)."""
+
+
+class SceneModule(nn.Module):
+    """Base class of the scenes in this package: the optional abilities' defaults."""
+
+    def render(self, cameras: CameraBatch, shading: Shading) -> RenderOutput:
+        raise NotImplementedError(f"{type(self).__name__} must implement render()")
+
+    def update_step(self, step: int) -> None:
+        """Nothing to do between steps by default."""
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Every trainable parameter under "network". Every trainable parameter must appear in
+        exactly one group; parts without parameters are left out."""
         params = [p for p in self.parameters() if p.requires_grad]
         return {"network": params} if params else {}
+
+    def regulariser_names(self) -> tuple[str, ...]:
+        return ()
+
+    def albedo(self, points: Float[Tensor, "P 3"]) -> Float[Tensor, "P 3"]:
+        raise NotImplementedError(f"{type(self).__name__} has no colour field to query")
+
+    def extract_mesh(self) -> Mesh | None:
+        return None
+
+    def density_field(self) -> DensityField | None:
+        return None
 
 
 def shade(

@@ -203,7 +203,7 @@ def fit_texture(
     def mse() -> float:
         with torch.no_grad():
             return float(sum(
-                (target.albedo_at(points[i: i + 65536]) - wanted[i: i + 65536]).square().sum()
+                (target.albedo(points[i: i + 65536]) - wanted[i: i + 65536]).square().sum()
                 for i in range(0, len(points), 65536)
             ) / wanted.numel())
 
@@ -213,7 +213,7 @@ def fit_texture(
     for _ in range(steps):
         pick = torch.randint(0, len(points), (min(batch_size, len(points)),), generator=generator)
         pick = pick.to(points.device)
-        loss = (target.albedo_at(points[pick]) - wanted[pick]).square().mean()
+        loss = (target.albedo(points[pick]) - wanted[pick]).square().mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

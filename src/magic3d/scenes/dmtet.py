@@ -33,7 +33,7 @@ from magic3d.ops.marching_tets import Mesh, marching_tets
 from magic3d.ops.raster import Rasterizer
 from magic3d.ops.tetgrid import make_tet_grid
 from magic3d.scenes.background import EnvironmentMapBackground
-from magic3d.scenes.base import Scene, shade
+from magic3d.scenes.base import SceneModule, shade
 from magic3d.types import CameraBatch, RenderOutput, Shading
 
 # Faces below this fraction of the mean face area are degenerate for normal consistency.
@@ -115,7 +115,7 @@ def laplacian_smoothness(mesh: Mesh) -> Float[Tensor, ""]:
     return offset.square().sum(-1).mean()
 
 
-class DMTetScene(Scene):
+class DMTetScene(SceneModule):
     """Textured DMTet mesh (Magic3D fine stage).
 
     ``tet_resolution`` counts grid cubes per axis (BCC n = 51 has about as many vertices as
@@ -127,7 +127,8 @@ class DMTetScene(Scene):
     :class:`EnvironmentMapBackground`.
 
     The regularisers are exposed as :meth:`normal_consistency` / :meth:`laplacian_smoothness`
-    and also returned on every render (``RenderOutput.normal_consistency`` / ``laplacian``);
+    and also returned on every render (``RenderOutput.regularisers``, names from
+    :meth:`regulariser_names`);
     the stage weights them.
     """
 
@@ -218,7 +219,7 @@ class DMTetScene(Scene):
 
     # ----------------------------------------------------------------------------- texture
 
-    def albedo_at(self, points: Float[Tensor, "P 3"]) -> Float[Tensor, "P 3"]:
+    def albedo(self, points: Float[Tensor, "P 3"]) -> Float[Tensor, "P 3"]:
         """Albedo in [0, 1] of the colour field at world-space points (clamped to the box)."""
         lo, hi = self.bbox[0], self.bbox[1]
         unit = ((points - lo) / (hi - lo)).clamp(0.0, 1.0)
@@ -244,7 +245,7 @@ class DMTetScene(Scene):
         covered = rast.face_id >= 0
 
         albedo = torch.zeros_like(position)
-        albedo = albedo.index_put((covered,), self.albedo_at(position[covered]))
+        albedo = albedo.index_put((covered,), self.albedo(position[covered]))
         light_dir = cameras.light_position[:, None, None, :].to(position) - position
         colour = shade(albedo, normal, light_dir, shading)
 
@@ -264,9 +265,12 @@ class DMTetScene(Scene):
             normal=normal,
             albedo=albedo * mask,  # premultiplied over black, like the NeRF's
             background=background,
-            normal_consistency=normal_consistency(mesh),
-            laplacian=laplacian_smoothness(mesh),
+            regularisers={"normal_consistency": normal_consistency(mesh),
+                          "laplacian": laplacian_smoothness(mesh)},
         )
+
+    def regulariser_names(self) -> tuple[str, ...]:
+        return ("normal_consistency", "laplacian")
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {

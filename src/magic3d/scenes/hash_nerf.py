@@ -24,7 +24,7 @@ from magic3d.data.rays import camera_rays
 from magic3d.ops.hashgrid import HashGrid, hashgrid_encode
 from magic3d.ops.volume import OccupancyGrid, composite, march_step_size, sample_along_rays
 from magic3d.scenes.background import EnvironmentMapBackground
-from magic3d.scenes.base import Scene, shade
+from magic3d.scenes.base import DensityField, SceneModule, shade
 from magic3d.types import CameraBatch, RenderOutput, Shading
 
 DensityActivation = Literal["softplus", "exp", "trunc_exp"]
@@ -65,7 +65,7 @@ class FieldQuery:
     normal: Float[Tensor, "P 3"] | None = None  # unit, pointing out of the object
 
 
-class HashGridNeRF(Scene):
+class HashGridNeRF(SceneModule):
     """Hash-grid NeRF over [-radius, radius]^3 (Magic3D coarse stage).
 
     ``n_samples_per_ray`` is the marching budget of the longest chord (step = box diagonal /
@@ -263,8 +263,8 @@ class HashGridNeRF(Scene):
             normal=normal,
             albedo=albedo,
             background=background,
-            orientation=orientation,
-            sparsity=opacity.mean(),  # L1 on opacity: pushes empty space to be empty
+            # sparsity: L1 on opacity, pushes empty space to be empty
+            regularisers={"orientation": orientation, "sparsity": opacity.mean()},
             samples_per_ray=samples.n_samples / max(n_rays, 1),
         )
 
@@ -275,6 +275,12 @@ class HashGridNeRF(Scene):
             # so they compute the same grid without sending it (and a resumed run repeats it).
             generator = torch.Generator(self.occupancy.density.device).manual_seed(step)
             self.occupancy.update(self.density, step, generator=generator)
+
+    def regulariser_names(self) -> tuple[str, ...]:
+        return ("orientation", "sparsity")
+
+    def density_field(self) -> DensityField:
+        return DensityField(density=self.density, albedo=self.albedo, radius=self.radius)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         network = list(self.density_albedo_head.parameters())
