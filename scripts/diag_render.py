@@ -13,7 +13,7 @@ g = torch.Generator().manual_seed(0)
 def train():
     cams = sample_random_cameras(CameraRanges(), 32, 64, 64, g).to(dev)
     out = scene.render(cams, Shading("lambertian", torch.full((32,), .3, device=dev)))
-    (out.rgb.mean() + out.orientation).backward()
+    (out.rgb.mean() + out.regularisers["orientation"]).backward()
     return out
 print("train render+bwd b32", [round(t(train)) for _ in range(6)], "ms")
 cams = orbit_cameras(8, 15, 2.0, 50, 128, 128).to(dev)

@@ -13,6 +13,7 @@ import trimesh
 from magic3d import export as E
 from magic3d.ops.marching_tets import Mesh, marching_tets
 from magic3d.ops.tetgrid import make_tet_grid
+from magic3d.scenes.base import SceneModule
 from magic3d.scenes.hash_nerf import HashGridNeRF
 
 RED, BLUE = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0])
@@ -225,7 +226,7 @@ def is_closed(faces: torch.Tensor) -> bool:
 
 def test_nerf_mesh_of_blob_is_closed_ball() -> None:
     scene = tiny_nerf(blob_density=50.0).eval()
-    mesh = E.nerf_mesh(scene, resolution=32)
+    mesh = E.nerf_mesh(scene.density_field(), resolution=32)
     assert not mesh.is_empty and is_closed(mesh.faces)
     # Half-opacity threshold at h = 2/32: ln2 / 0.0625 = 11.09; softplus(50 (1 - 2r)) = 11.09
     # at r ~ 0.389. 0.05: the small random head output shifts the level set by a few hundredths.
@@ -236,14 +237,14 @@ def test_nerf_mesh_of_blob_is_closed_ball() -> None:
 def test_nerf_mesh_soft_blob_and_empty_cases() -> None:
     # Default blob (10) peaks at softplus(10) ~ 10, below one voxel's half opacity (11.09 at
     # 32^3), yet renders opaque through its thickness: the visible-surface rule still finds it.
-    soft = E.nerf_mesh(tiny_nerf(blob_density=10.0).eval(), resolution=32)
+    soft = E.nerf_mesh(tiny_nerf(blob_density=10.0).eval().density_field(), resolution=32)
     assert soft.faces.shape[0] > 0
     with pytest.raises(ValueError, match=r"threshold 1000:.*ranges over"):
-        E.nerf_mesh(tiny_nerf(blob_density=10.0).eval(), resolution=32, threshold=1000.0)
+        E.nerf_mesh(tiny_nerf(blob_density=10.0).eval().density_field(), resolution=32, threshold=1000.0)
     faint = tiny_nerf(blob_density=10.0).eval()
     faint.density = lambda points: torch.full((points.shape[0],), 0.01)  # optical depth <= 0.02
     with pytest.raises(ValueError, match="nothing in the scene is opaque"):
-        E.nerf_mesh(faint, resolution=32)
+        E.nerf_mesh(faint.density_field(), resolution=32)
 
 
 def test_largest_component_drops_floaters() -> None:
@@ -258,13 +259,13 @@ def test_largest_component_drops_floaters() -> None:
 # ------------------------------------------------------------------------------ scene export
 
 
-class FakeMeshScene(torch.nn.Module):
-    """The DMTet-scene protocol export relies on: extract_mesh() and albedo_at(points)."""
+class FakeMeshScene(SceneModule):
+    """The part of the Scene protocol export relies on for mesh scenes: extract_mesh(), albedo(points)."""
 
     def extract_mesh(self) -> Mesh:
         return sphere_mesh(0.25, 12)
 
-    def albedo_at(self, points: torch.Tensor) -> torch.Tensor:
+    def albedo(self, points: torch.Tensor) -> torch.Tensor:
         return red_blue(points)
 
 
@@ -283,6 +284,8 @@ def test_export_stage_writes_into_stage_export_folder(tmp_path: Path, monkeypatc
     loaded = []
     monkeypatch.setattr(magic3d.runs, "load_stage_scene",
                         lambda stage_dir, device="cpu": loaded.append(Path(stage_dir)) or FakeMeshScene())
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage" / "config.yaml").write_text("seed: 0\n")
     paths = E.export_stage(tmp_path / "stage", texture_resolution=64)
     assert loaded == [tmp_path / "stage"]
     assert all(p.parent == tmp_path / "stage" / "export" and p.is_file() for p in paths)

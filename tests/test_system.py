@@ -24,6 +24,9 @@ class ScriptedGuidance(nn.Module):
     def setup(self, prompt: str, device) -> None:
         self.prompt = prompt
 
+    def param_groups(self) -> dict:
+        return {}
+
     def step(self, rgb, cameras, progress) -> GuidanceOutput:
         loss = ((rgb - 0.5) ** 2).mean()
         if self.calls in self.nan_steps:

@@ -15,12 +15,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run (or continue) a recipe")
-    run.add_argument("recipe")
-    run.add_argument("--prompt", default=None, help="text prompt (default: the recipe's)")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("recipe", nargs="?", default=None,
+                     help="recipe name (default: coarse_to_fine, or the run's own with --run)")
+    run.add_argument("--prompt", default=None, help="text prompt (default: the recipe's, or the run's)")
+    run.add_argument("--seed", type=int, default=None, help="integer in [0, 2^32 - 1] (default 0, or the run's)")
     run.add_argument("--run", type=Path, default=None, help="existing run folder to continue")
     run.add_argument("--runs-root", type=Path, default=Path("runs"))
-    run.add_argument("--profile", default="auto", help="auto | cpu | full")
+    run.add_argument("--profile", default=None, help="auto | cpu | full (default auto, or the run's)")
     run.add_argument("overrides", nargs="*", help="key.path=value, or stage:key.path=value")
 
     stage = sub.add_parser("stage", help="run one stage from a resolved config (used by run)")
@@ -28,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     stage.add_argument("--stage-dir", type=Path, required=True)
 
     export = sub.add_parser("export", help="write GLB + OBJ/MTL/PNG of a finished stage")
-    export.add_argument("stage_dir", type=Path, help="runs/<recipe>/<name>/<stage>")
+    export.add_argument("stage_dir", type=Path,
+                        help="runs/<recipe>/<name>/<stage>, or a run folder (its last finished stage)")
     export.add_argument("--texture-resolution", type=int, default=1024)
 
     sub.add_parser("recipes", help="list recipes")
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "run" or any(item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    if args.command == "run" and args.recipe is not None and "=" in args.recipe:
+        args.overrides = [args.recipe, *args.overrides]  # `run key=value` with no recipe name
+        args.recipe = None
     from magic3d.config import ConfigError
 
     try:
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             from magic3d.recipe import StageFailed, run_recipe
 
             try:
-                run_recipe(args.recipe, prompt=args.prompt, seed=args.seed, overrides=args.overrides,
+                run_recipe(args.recipe, prompt=args.prompt, seed=args.seed, overrides=args.overrides or None,
                            run_dir=args.run, runs_root=args.runs_root, profile=args.profile)
             except StageFailed as err:
                 print(f"[magic3d] error: {err}", file=sys.stderr)
@@ -81,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[magic3d] error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
+        from magic3d.checkpoints import NonFiniteStateError
         from magic3d.export import ExportError
         from magic3d.system import NonFiniteLossError
 
-        if not isinstance(err, (NonFiniteLossError, ExportError)):
+        if not isinstance(err, (NonFiniteLossError, NonFiniteStateError, ExportError)):
             raise
         print(f"[magic3d] error: {err}", file=sys.stderr)
         return 3

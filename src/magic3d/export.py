@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from magic3d.devices import module_device
 from magic3d.ops.marching_tets import Mesh, marching_tets
 from magic3d.ops.raster import interpolate, rasterize
 from magic3d.ops.tetgrid import make_tet_grid
+from magic3d.scenes.base import DensityField, Scene
 from magic3d.scenes.dmtet import vertex_normals
 
 AlbedoFn = Callable[[Tensor], Tensor]
@@ -406,13 +406,13 @@ def visible_density_level(density_fn, radius: float, resolution: int, device) ->
 
 
 def nerf_mesh(
-    scene,
+    field: DensityField,
     resolution: int = 128,
     threshold: float | None = None,
     keep_largest_component: bool = True,
     chunk: int = 1 << 18,
 ) -> Mesh:
-    """Surface of a density field (``scene.density(points)``, box ``[-scene.radius, radius]^3``).
+    """Surface of a density field (``field.density(points)``, box ``[-field.radius, radius]^3``).
 
     The density is sampled at the vertices of a Kuhn tet grid with ``resolution`` cubes per axis
     and the level set ``density = threshold`` is extracted by marching tets (sdf = threshold -
@@ -421,13 +421,13 @@ def nerf_mesh(
     Vertices on the box boundary are forced outside so the mesh is always closed. With
     ``keep_largest_component`` small floaters are dropped.
     """
-    radius = float(scene.radius)
-    device = module_device(scene)
+    radius = float(field.radius)
+    device = field.device
     grid = make_tet_grid(resolution, "kuhn", bbox=((-radius,) * 3, (radius,) * 3))
     vertices = grid.vertices.to(device)
     if threshold is None:
-        threshold = visible_density_level(scene.density, radius, resolution, vertices.device)
-    density = torch.cat([scene.density(vertices[i : i + chunk]).reshape(-1).float()
+        threshold = visible_density_level(field.density, radius, resolution, vertices.device)
+    density = torch.cat([field.density(vertices[i : i + chunk]).reshape(-1).float()
                          for i in range(0, vertices.shape[0], chunk)])
     sdf = threshold - density
     on_boundary = (vertices.abs() >= radius * (1.0 - 1e-6)).any(-1)
@@ -444,15 +444,17 @@ def nerf_mesh(
 # ------------------------------------------------------------------------------- scene export
 
 
-def scene_mesh_and_albedo(scene, mesh_resolution: int = 128) -> tuple[Mesh, AlbedoFn]:
-    """The scene's surface and albedo function: DMTet (``extract_mesh``, ``albedo_at``) or a
-    density field (:func:`nerf_mesh`, ``albedo``)."""
-    if hasattr(scene, "extract_mesh"):
-        return scene.extract_mesh(), scene.albedo_at
-    if hasattr(scene, "density") and hasattr(scene, "albedo"):
-        return nerf_mesh(scene, resolution=mesh_resolution), scene.albedo
-    raise TypeError(f"{type(scene).__name__} has neither extract_mesh() nor density()/albedo(); "
-                    "cannot export it as a mesh")
+def scene_mesh_and_albedo(scene: Scene, mesh_resolution: int = 128) -> tuple[Mesh, AlbedoFn]:
+    """The scene's surface and albedo function: its own mesh (DMTet) or the surface of its
+    density field (:func:`nerf_mesh`)."""
+    mesh = scene.extract_mesh()
+    if mesh is not None:
+        return mesh, scene.albedo
+    field = scene.density_field()
+    if field is not None:
+        return nerf_mesh(field, resolution=mesh_resolution), field.albedo
+    raise TypeError(f"{type(scene).__name__} has neither a mesh (extract_mesh) nor a density field "
+                    "(density_field); cannot export it as a mesh")
 
 
 def export_scene(
@@ -491,9 +493,9 @@ def export_scene(
 
 def export_stage(stage_dir: Path | str, texture_resolution: int = 1024) -> list[Path]:
     """Export a finished stage's scene to ``<stage_dir>/export/`` (``python -m magic3d export``)."""
-    from magic3d.runs import load_stage_scene
+    from magic3d.runs import final_stage_dir, load_stage_scene
 
-    stage_dir = Path(stage_dir)
+    stage_dir = final_stage_dir(stage_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scene = load_stage_scene(stage_dir, device=device)
     return export_scene(scene, stage_dir / "export", texture_resolution=texture_resolution)

@@ -9,12 +9,13 @@ checkpoint; finished stages (``DONE.json``) are skipped.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from magic3d.config import (
@@ -26,13 +27,16 @@ from magic3d.config import (
     load_yaml,
     recipes_dir,
 )
+from magic3d.stage import SEED_RANGE, with_default_classes
 
-START_MODES = ("resume", "warm_start", "convert")
+DEFAULT_RECIPE = "coarse_to_fine"
+
+RUN_SETTINGS = "run.json"
 
 
 @dataclass
-class StageStart:
-    """How a stage starts from an earlier one (``from_stage`` None: from scratch)."""
+class RecipeStart:
+    """How a recipe starts a stage from an earlier one (``from_stage`` None: from scratch)."""
 
     from_stage: str | None = None
     mode: str = "warm_start"
@@ -44,7 +48,7 @@ class StageSpec:
     name: str
     config: Path
     cpu_profile: Path | None
-    start: StageStart = field(default_factory=StageStart)
+    start: RecipeStart = field(default_factory=RecipeStart)
 
 
 @dataclass
@@ -53,6 +57,10 @@ class Recipe:
     description: str
     default_prompt: str
     stages: list[StageSpec]
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
 
 
 def available_recipes() -> list[str]:
@@ -70,7 +78,7 @@ def load_recipe(name: str) -> Recipe:
         if "name" not in entry or "config" not in entry:
             raise ConfigError(f"Recipe {name}: stage #{i} needs 'name' and 'config'")
         start_data = dict(entry.get("start") or {})
-        start = StageStart(
+        start = RecipeStart(
             from_stage=start_data.pop("from", None),
             mode=start_data.pop("mode", "warm_start"),
             converter=start_data.pop("converter", None),
@@ -119,30 +127,65 @@ def resolve_profile(profile: str) -> str:
     return profile
 
 
+def split_overrides(overrides: list[str], recipe: Recipe) -> dict[str | None, list[str]]:
+    """Overrides by target: ``"coarse:trainer.max_steps=10"`` targets one stage (key "coarse"),
+    a plain ``key=value`` every stage (key None). An unknown stage name is an error."""
+    by_stage: dict[str | None, list[str]] = {None: []}
+    for text in overrides:
+        key = text.split("=", 1)[0]
+        if ":" in key:
+            stage_name, rest = text.split(":", 1)
+            if stage_name not in recipe.stage_names:
+                raise ConfigError(
+                    f"Override '{text}' targets stage '{stage_name}', which recipe {recipe.name} does not "
+                    f"have: its stages are {', '.join(recipe.stage_names)}.")
+            by_stage.setdefault(stage_name, []).append(rest)
+        else:
+            by_stage[None].append(text)
+    return by_stage
+
+
 def compose_stage(
     spec: StageSpec, prompt: str, seed: int, overrides: list[str], profile: str, run_dir: Path
 ) -> dict:
-    """The resolved config of one stage: stage file, CPU profile, prompt/seed, overrides."""
-    config = load_composed(spec.config)
+    """The resolved config of one stage: stage file, CPU profile, prompt/seed, overrides.
+
+    ``overrides`` are this stage's (already split by :func:`split_overrides`; a plain list
+    may still hold ``stage:key=value`` entries for other stages, which are skipped).
+    """
+    config = with_default_classes(load_composed(spec.config))
     if profile == "cpu" and spec.cpu_profile is not None:
-        config = deep_merge(config, load_composed(spec.cpu_profile))
-    config = deep_merge(config, {"seed": seed, "model": {"prompt": prompt}})
+        config = deep_merge(config, with_init_args(load_composed(spec.cpu_profile)))
+    config = deep_merge(config, {"seed": seed, "model": {"init_args": {"prompt": prompt}}})
     if spec.start.from_stage is not None:
         source = run_dir / spec.start.from_stage / "checkpoints" / "last.ckpt"
         # The stage file (or its CPU profile) may set start.converter_args, e.g. a coarser
         # conversion grid on CPU; the recipe decides where the stage starts from.
         config["start"] = {**(config.get("start") or {}), "checkpoint": str(source),
                            "mode": spec.start.mode, "converter": spec.start.converter}
-    stage_overrides = []
+    own = []
     for text in overrides:
-        # "coarse:trainer.max_steps=10" targets one stage; plain keys target every stage.
-        if ":" in text.split("=", 1)[0]:
+        key = text.split("=", 1)[0]
+        if ":" in key:
             stage_name, rest = text.split(":", 1)
             if stage_name == spec.name:
-                stage_overrides.append(rest)
+                own.append(rest)
         else:
-            stage_overrides.append(text)
-    return apply_overrides(config, stage_overrides)
+            own.append(text)
+    return apply_overrides(config, own)
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, as ``key: old -> new`` lines."""
+    lines = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<unset>"), new.get(key, "<unset>")
+        name = f"{prefix}{key}".replace("init_args.", "")
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{name}: {a!r} -> {b!r}")
+    return lines
 
 
 def announce_cpu_profile(recipe: Recipe) -> None:
@@ -155,49 +198,151 @@ def announce_cpu_profile(recipe: Recipe) -> None:
     )
 
 
+@dataclass
+class RunSettings:
+    """What a run was started with (``run.json``), so ``run=FOLDER`` alone continues it."""
+
+    recipe: str
+    prompt: str
+    seed: int
+    profile: str
+    overrides: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunSettings | None:
+        path = run_dir / RUN_SETTINGS
+        if path.is_file():
+            try:
+                return cls(**json.loads(path.read_text()))
+            except (json.JSONDecodeError, TypeError) as err:
+                raise ConfigError(f"{path} is unreadable ({err}); it records how the run was started.") from None
+        return cls._from_stage_configs(run_dir)
+
+    @classmethod
+    def _from_stage_configs(cls, run_dir: Path) -> RunSettings | None:
+        """Runs started before run.json existed: prompt and seed from a stage's config.yaml."""
+        configs = sorted(run_dir.glob("*/config.yaml"))
+        if not configs:
+            return None
+        config = with_default_classes(load_yaml(configs[0]))
+        prompt = config["model"].get("init_args", {}).get("prompt", "")
+        return cls(recipe="", prompt=prompt, seed=int(config.get("seed", 0)), profile="", overrides=[])
+
+    def save(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / f".{RUN_SETTINGS}.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n")
+        tmp.replace(run_dir / RUN_SETTINGS)
+
+
+def check_seed(seed: int) -> int:
+    low, high = SEED_RANGE
+    if not isinstance(seed, int) or isinstance(seed, bool) or not low <= seed <= high:
+        raise ConfigError(f"seed={seed} is out of range: use an integer in [{low}, {high}].")
+    return seed
+
+
+def stage_has_started(stage_dir: Path) -> bool:
+    """A stage has state worth keeping once it wrote a checkpoint or finished."""
+    return (stage_dir / "DONE.json").is_file() or any((stage_dir / "checkpoints").glob("*.ckpt*"))
+
+
+def resolve_settings(
+    name: str | None, prompt: str | None, seed: int | None, overrides: list[str] | None,
+    profile: str | None, run_dir: Path | None,
+) -> tuple[RunSettings, RunSettings | None]:
+    """The settings to run with, and the ones the existing run folder was started with.
+
+    On a continue, anything not given comes from the run; anything given that differs is
+    checked later against the stages that have already started.
+    """
+    stored = RunSettings.load(run_dir) if run_dir is not None and run_dir.is_dir() else None
+    if stored is not None and stored.recipe and name is not None and name != stored.recipe:
+        raise ConfigError(f"{run_dir} is a run of recipe {stored.recipe}, not {name}: "
+                          f"continue it with recipe={stored.recipe} (or leave recipe out).")
+    name = name or (stored.recipe if stored is not None and stored.recipe else None) or DEFAULT_RECIPE
+    recipe = load_recipe(name)
+    if prompt is None:
+        prompt = stored.prompt if stored is not None else recipe.default_prompt
+    if not prompt or not prompt.strip():
+        raise ConfigError('The prompt is empty: pass prompt="a description of the object".')
+    if seed is None:
+        seed = stored.seed if stored is not None else 0
+    if profile is None:
+        profile = stored.profile if stored is not None and stored.profile else "auto"
+    if overrides is None:
+        overrides = list(stored.overrides) if stored is not None else []
+    settings = RunSettings(recipe=name, prompt=prompt, seed=check_seed(seed), profile=resolve_profile(profile),
+                           overrides=list(overrides))
+    split_overrides(settings.overrides, recipe)  # an unknown stage prefix fails here
+    return settings, stored
+
+
+def settings_changed(settings: RunSettings, stored: RunSettings | None) -> bool:
+    """Whether a continue asks for anything the run was not started with."""
+    if stored is None:
+        return True
+    if not stored.recipe:  # a run from before run.json: only its prompt and seed are known
+        return settings.prompt != stored.prompt or settings.seed != stored.seed or bool(settings.overrides)
+    return asdict(settings) != asdict(stored)
+
+
+def with_init_args(fragment: dict) -> dict:
+    """A stage-file fragment whose ``model``/``data`` are bare init args, nested under
+    ``init_args`` so it merges into whatever class the stage file names."""
+    fragment = dict(fragment)
+    for key in ("model", "data"):
+        if isinstance(fragment.get(key), dict) and "class_path" not in fragment[key]:
+            fragment[key] = {"init_args": fragment[key]}
+    return fragment
+
+
 def run_recipe(
-    name: str,
+    name: str | None = None,
     prompt: str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     overrides: list[str] | None = None,
     run_dir: Path | None = None,
     runs_root: Path = Path("runs"),
-    profile: str = "auto",
+    profile: str | None = None,
 ) -> Path:
-    """Run (or continue) every stage of a recipe; returns the run folder."""
-    recipe = load_recipe(name)
-    if prompt is None:
-        prompt = recipe.default_prompt
-    if not prompt or not prompt.strip():
-        raise ConfigError('The prompt is empty: pass prompt="a description of the object".')
-    overrides = list(overrides or [])
-    profile = resolve_profile(profile)
-    if profile == "cpu":
+    """Run (or continue) every stage of a recipe; returns the run folder.
+
+    Arguments left as None take the run folder's settings on a continue (``run.json``), or
+    the defaults (recipe coarse_to_fine, its default prompt, seed 0, profile auto).
+    """
+    settings, stored = resolve_settings(name, prompt, seed, overrides, profile, run_dir)
+    recipe = load_recipe(settings.recipe)
+    if settings.profile == "cpu":
         announce_cpu_profile(recipe)
     if run_dir is None:
-        run_dir = runs_root / name / f"{slugify(prompt)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = runs_root / recipe.name / f"{slugify(settings.prompt)}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(run_dir)
+    created_run_dir = not run_dir.exists()
 
     # Compose and validate every stage before running any, so a typo fails in seconds.
     from magic3d.stage import validate_stage_config
 
     resolved = {}
     for spec in recipe.stages:
-        config = compose_stage(spec, prompt, seed, overrides, profile, run_dir)
         stage_dir = run_dir / spec.name
+        config = compose_stage(spec, settings.prompt, settings.seed, settings.overrides, settings.profile, run_dir)
         existing = stage_dir / "config.yaml"
         if existing.is_file():
-            previous = load_yaml(existing)
+            previous = with_default_classes(load_yaml(existing))
             if previous != config:
-                if overrides or prompt != previous.get("model", {}).get("prompt"):
+                if not settings_changed(settings, stored):
+                    config = previous  # e.g. recipe files edited since: keep what the run started with
+                elif stage_has_started(stage_dir):
+                    changes = "; ".join(config_differences(previous, config)[:8])
                     raise ConfigError(
-                        f"{stage_dir} was started with a different config; continue it without "
-                        "new overrides/prompt, or start a new run folder."
-                    )
-                config = previous  # e.g. recipe files edited since: keep what the run started with
-        validate_stage_config(config, where=f"{name}/{spec.name}")
+                        f"Stage {spec.name} of {run_dir} has already started with other settings, which a "
+                        f"continue cannot change ({changes}). Continue with run={run_dir} alone, or start "
+                        "a new run folder.")
+        validate_stage_config(config, where=f"{recipe.name}/{spec.name}")
         resolved[spec.name] = config
 
+    settings.save(run_dir)
     print(f"[magic3d] run folder: {run_dir}", flush=True)
     for spec in recipe.stages:
         stage_dir = run_dir / spec.name
@@ -205,15 +350,31 @@ def run_recipe(
             print(f"[magic3d] stage {spec.name}: already finished, skipping", flush=True)
             continue
         config_path = stage_dir / "config.yaml"
-        if not config_path.is_file():
-            dump_yaml(resolved[spec.name], config_path)
+        dump_yaml(resolved[spec.name], config_path)
         print(f"[magic3d] stage {spec.name}: starting ({stage_dir})", flush=True)
         cmd = [sys.executable, "-m", "magic3d", "stage", "--config", str(config_path),
                "--stage-dir", str(stage_dir)]
         code = _run_child(cmd)
         if code != 0:
-            raise StageFailed(spec.name, stage_dir, code)
+            kept = stage_has_started(stage_dir)
+            if not kept:
+                discard_unstarted_stage(stage_dir, run_dir if created_run_dir else None)
+            raise StageFailed(spec.name, stage_dir, code, kept)
     return run_dir
+
+
+def discard_unstarted_stage(stage_dir: Path, created_run_dir: Path | None) -> None:
+    """A stage that failed before its first checkpoint leaves nothing to continue: remove its
+    folder (config, logs of the failed attempt), and the run folder if this command made it
+    and nothing else is in it, so the corrected command starts clean."""
+    import shutil
+
+    if stage_dir.is_dir() and not stage_has_started(stage_dir):
+        shutil.rmtree(stage_dir)
+    if created_run_dir is not None and created_run_dir.is_dir():
+        left = [p for p in created_run_dir.iterdir() if p.name != RUN_SETTINGS]
+        if not left:
+            shutil.rmtree(created_run_dir)
 
 
 def _run_child(cmd: list[str]) -> int:
@@ -233,9 +394,13 @@ def _run_child(cmd: list[str]) -> int:
 
 
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, stage_dir: Path, code: int) -> None:
-        super().__init__(
-            f"Stage '{stage}' failed (exit code {code}). Its checkpoints are kept in "
-            f"{stage_dir / 'checkpoints'}; run the same command with run={stage_dir.parent} to continue."
-        )
+    def __init__(self, stage: str, stage_dir: Path, code: int, kept: bool = True) -> None:
+        if kept:
+            message = (f"Stage '{stage}' failed (exit code {code}). Its checkpoints are kept in "
+                       f"{stage_dir / 'checkpoints'}; continue with `make run={stage_dir.parent}` "
+                       f"(python -m magic3d run --run {stage_dir.parent}).")
+        else:
+            message = (f"Stage '{stage}' failed before its first checkpoint (exit code {code}); nothing of it "
+                       "was kept. Fix the problem reported above and run the command again.")
+        super().__init__(message)
         self.code = code

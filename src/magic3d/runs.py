@@ -25,6 +25,27 @@ def stages(run_dir: Path | str) -> list[Path]:
     return sorted(found, key=lambda p: p.joinpath("config.yaml").stat().st_mtime)
 
 
+def is_stage_dir(path: Path | str) -> bool:
+    return (Path(path) / "config.yaml").is_file()
+
+
+def final_stage_dir(path: Path | str) -> Path:
+    """``path`` itself if it is a stage folder; for a run folder, its last finished stage."""
+    path = Path(path)
+    if is_stage_dir(path):
+        return path
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a folder: pass a run folder (runs/<recipe>/<name>) or one of its stages.")
+    found = stages(path)
+    if not found:
+        raise ConfigError(f"{path} is neither a run folder nor a stage folder (no */config.yaml inside).")
+    finished = [p for p in found if stage_summary(p) is not None]
+    if not finished:
+        raise ConfigError(f"{path} has no finished stage yet ({', '.join(p.name for p in found)} unfinished): "
+                          "continue the run first, or pass a stage folder.")
+    return finished[-1]
+
+
 def stage_summary(stage_dir: Path | str) -> dict | None:
     done = Path(stage_dir) / "DONE.json"
     return json.loads(done.read_text()) if done.is_file() else None
@@ -42,8 +63,10 @@ def stage_metrics(stage_dir: Path | str) -> pd.DataFrame:
 
 
 def load_stage_scene(stage_dir: Path | str, device: str | torch.device = "cpu"):
-    """The trained scene of a stage, rebuilt from its last checkpoint."""
-    from magic3d.scenes.checkpoint import load_scene_from_checkpoint
+    """The trained scene of a stage (or of a run's last finished stage), rebuilt from its
+    last checkpoint."""
+    from magic3d.checkpoints import load_scene
 
-    scene = load_scene_from_checkpoint(Path(stage_dir) / "checkpoints" / "last.ckpt")
+    stage_dir = final_stage_dir(stage_dir)
+    scene = load_scene(stage_dir / "checkpoints" / "last.ckpt")
     return scene.to(device).eval()

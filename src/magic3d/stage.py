@@ -1,32 +1,49 @@
-"""One stage in one process: parse the resolved config, build the parts, fit, make the video.
+"""One stage in one process: parse the resolved config, build the parts, fit, finish.
 
-The stage config has five top-level keys:
-  seed: int
-  model: TextTo3D init args (scene and guidance as class_path/init_args)
-  data: RandomCameraDataModule init args
+The stage config has these top-level keys:
+  seed: int in [0, 2^32 - 1]
+  model: {class_path, init_args} of the stage's LightningModule (default magic3d.system.TextTo3D)
+  data: {class_path, init_args} of its LightningDataModule (default RandomCameraDataModule)
   trainer: lightning.Trainer keyword arguments
   run: checkpoint/video cadence (RunOptions)
-and, when the recipe starts this stage from an earlier one, ``start`` (filled in by the
-recipe runner: checkpoint path, mode, converter).
+  start: where its weights come from when it has no checkpoint of its own
+         (magic3d.checkpoints.StageStart, filled in by the recipe runner)
+A ``model`` or ``data`` mapping without ``class_path`` is the default class's init args, so
+the text-to-3D stage files stay short. Any LightningModule that satisfies :class:`StageModule`
+runs through the same runner, checkpoints, resume and DDP paths.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import os
+import re
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from magic3d.checkpoints import (
+    PeriodicCheckpoints,
+    StageCheckpointIO,
+    StageStart,
+    check_compatible,
+    latest_valid_checkpoint,
+    read_checkpoint,
+)
 from magic3d.config import ConfigError, load_yaml
+
+DEFAULT_MODEL = "magic3d.system.TextTo3D"
+DEFAULT_DATA = "magic3d.data.datamodule.RandomCameraDataModule"
+SEED_RANGE = (0, 2**32 - 1)  # what Lightning's seed_everything accepts
 
 # use_distributed_sampler is ours too: under DDP every rank steps through all validation views
 # (rank 0 writes the sheet); training cameras are already drawn per rank.
 TRAINER_KEYS_WE_OWN = ("logger", "callbacks", "default_root_dir", "enable_checkpointing",
-                       "use_distributed_sampler")
+                       "use_distributed_sampler", "plugins")
 
 # Known-harmless library notices that would otherwise bury the run's own output:
 # our camera iterable defines __len__ on purpose (epochs have a length; num_workers is 0).
@@ -39,39 +56,81 @@ class RunOptions:
     """Cadence of what a stage writes to its folder.
 
     Args:
-        checkpoint_every: keep a periodic checkpoint every N steps (last.ckpt is refreshed too).
+        checkpoint_every: write a periodic checkpoint every N steps (last.ckpt follows it).
+        keep_checkpoints: periodic checkpoints kept besides last.ckpt (older ones are deleted).
         video_fps: frames per second of the turntable video.
         video_views: frames of the turntable (one full orbit).
         wandb: "auto" (online when logged in, else offline), "offline", "online" or "off".
     """
 
     checkpoint_every: int = 100
+    keep_checkpoints: int = 2
     video_fps: int = 30
     video_views: int = 60
     wandb: str = "auto"
 
 
+@runtime_checkable
+class StageModule(Protocol):
+    """What the stage runner needs from a stage's LightningModule besides Lightning's API.
+
+    ``stage_config`` and ``output_dir`` are set by the runner before fitting (the config is
+    stored in every checkpoint, so a later stage can rebuild what this one trained).
+    """
+
+    stage_config: dict | None
+    output_dir: Path | None
+
+    def start_from(self, checkpoint: dict, start: StageStart) -> None:
+        """Take weights from another stage's checkpoint (warm start or convert)."""
+
+    def finish_stage(self, datamodule: Any, video_fps: int, video_views: int) -> dict[str, Any]:
+        """After the last step, on rank 0: write the stage's products; return DONE.json entries."""
+
+
+def with_default_classes(config: dict) -> dict:
+    """``model``/``data`` given as bare init args get the default class path."""
+    config = copy.deepcopy(config)
+    for key, class_path in (("model", DEFAULT_MODEL), ("data", DEFAULT_DATA)):
+        section = config.get(key)
+        if section is None:
+            config[key] = {"class_path": class_path}
+        elif "class_path" not in section:
+            config[key] = {"class_path": class_path, "init_args": section}
+    return config
+
+
 def build_parser():
     from jsonargparse import ArgumentParser
+    from jsonargparse.typing import restricted_number_type
 
     import lightning as L
 
-    from magic3d.data.datamodule import RandomCameraDataModule
-    from magic3d.system import TextTo3D
-
+    seed_type = restricted_number_type("Seed", int, [(">=", SEED_RANGE[0]), ("<=", SEED_RANGE[1])])
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_class_arguments(TextTo3D, "model", fail_untyped=True)
-    parser.add_class_arguments(RandomCameraDataModule, "data")
+    parser.add_argument("--seed", type=seed_type, default=0)
+    parser.add_subclass_arguments(L.LightningModule, "model", fail_untyped=True, required=True)
+    parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)
     parser.add_class_arguments(L.Trainer, "trainer", skip=set(TRAINER_KEYS_WE_OWN))
     parser.add_dataclass_arguments(RunOptions, "run")
-    parser.add_argument("--start", type=dict | None, default=None)
+    parser.add_dataclass_arguments(StageStart, "start")
     return parser
 
 
+_RESTRICTION = re.compile(
+    r'Parser key "(?P<key>[^"]+)":\s*Not of type \w+: (?P<value>.+?) does not conform to restriction (?P<rule>.+)')
+
+
 def _short_error(err: Exception) -> str:
-    """jsonargparse errors list every union branch; keep the lines that name the problem."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    """One line that names the problem: an out-of-range value with its valid range, or the
+    lines of jsonargparse's report (which lists every union branch) that name the key."""
+    text = str(err)
+    found = _RESTRICTION.search(text)
+    if found:
+        key = found["key"].replace(".init_args", "")
+        rule = re.sub(r"\bv\s*", "", found["rule"].strip().splitlines()[0])
+        return f"{key}={found['value']} is out of range: it must be {rule}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     keep = [line for line in lines if "not expected" in line or "does not" in line
             or "Problem with" in line or "Expected" in line or "No module" in line
             or "not accepted" in line or "Import path" in line]
@@ -79,14 +138,17 @@ def _short_error(err: Exception) -> str:
 
 
 def validate_stage_config(config: dict, where: str = "stage"):
+    """Parse (not instantiate) a stage config; a ConfigError names the first problem."""
     parser = build_parser()
     try:
-        return parser, parser.parse_object(config)
+        return parser, parser.parse_object(with_default_classes(config))
     except Exception as err:  # jsonargparse raises ArgumentError subclasses
         raise ConfigError(f"Invalid config for {where}: {_short_error(err)}") from None
 
 
 def _wandb_mode(option: str) -> str | None:
+    import os
+
     if option == "off" or os.environ.get("WANDB_MODE") == "disabled":
         return None
     if option in ("online", "offline"):
@@ -115,102 +177,58 @@ def _loggers(stage_dir: Path, run: RunOptions, name: str) -> list:
     return loggers
 
 
-def check_checkpoint(path: Path) -> dict:
-    """Load a checkpoint safely, or raise a ConfigError that names the file and the problem."""
-    if not path.is_file():
-        raise ConfigError(f"Checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means unusable
-        raise ConfigError(
-            f"Checkpoint {path} is corrupt or was not written by magic3d ({type(err).__name__}). "
-            "Move it away to restart the stage from the previous periodic checkpoint."
-        ) from None
-    if "state_dict" not in checkpoint or "magic3d" not in checkpoint:
-        raise ConfigError(f"Checkpoint {path} was not written by a magic3d stage (no state_dict/magic3d keys)")
-    return checkpoint
-
-
-def _latest_valid_checkpoint(ckpt_dir: Path) -> Path | None:
-    """last.ckpt if readable, else the newest readable periodic checkpoint.
-
-    An unreadable last.ckpt is renamed (never deleted; by rank 0 only) so the next save cannot
-    overwrite it; with no readable checkpoint at all the stage stops instead of silently starting over.
-    """
+def _is_rank_zero() -> bool:
     from lightning.pytorch.utilities import rank_zero_only
 
-    last = ckpt_dir / "last.ckpt"
-    candidates = [last] + sorted(ckpt_dir.glob("step*.ckpt"), reverse=True)
-    problems = []
-    for path in candidates:
-        if not path.is_file():
-            continue
-        try:
-            check_checkpoint(path)
-        except ConfigError as err:
-            problems.append(str(err))
-            continue
-        if path != last and last.is_file() and rank_zero_only.rank == 0:
-            kept = last.with_name(f"last.unreadable-{time.strftime('%Y%m%d-%H%M%S')}.ckpt")
-            last.rename(kept)
-            print(f"[magic3d] {last.name} is unreadable (kept as {kept.name}); resuming from {path.name}",
-                  flush=True)
-        return path
-    if problems:
-        raise ConfigError(problems[0])
-    return None
+    return rank_zero_only.rank == 0
 
 
-def check_compatible(model, checkpoint_path: Path) -> None:
-    """Fail early, naming the first mismatching tensor, instead of deep inside Lightning."""
-    state = check_checkpoint(checkpoint_path)["state_dict"]
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or mismatched:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"{mismatched[0]} has shape {tuple(state[mismatched[0]].shape)}, the config "
-                       f"gives {tuple(expected[mismatched[0]].shape)}")
-        raise ConfigError(
-            f"Checkpoint {checkpoint_path} does not fit this stage's config ({detail}). "
-            "It was written with other scene settings: start a new run folder."
-        )
+def _source_checkpoint(start: StageStart):
+    """The earlier stage's checkpoint this stage starts from, read (and verified) once."""
+    from magic3d.checkpoints import CorruptCheckpoint, FoundCheckpoint
+
+    path = Path(start.checkpoint)
+    try:
+        return FoundCheckpoint(path, read_checkpoint(path))
+    except CorruptCheckpoint as err:
+        raise ConfigError(f"{err}. It is the earlier stage's result: rerun that stage (delete its "
+                          "DONE.json) or start a new run folder.") from None
 
 
 def run_stage(config_path: Path, stage_dir: Path) -> None:
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import TQDMProgressBar
 
     from magic3d.distributed import per_rank_batch_size, resolve_strategy
     from magic3d.interrupt import StopOnInterrupt
-    from magic3d.scenes.checkpoint import start_from_checkpoint
-    from magic3d.video import render_turntable
 
-    config = load_yaml(config_path)
+    config = with_default_classes(load_yaml(config_path))
     parser, cfg = validate_stage_config(config, where=str(config_path))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg)
     model, datamodule = init.model, init.data
+    if not isinstance(model, StageModule):
+        raise ConfigError(f"model.class_path {type(model).__name__} is not a stage module: it needs "
+                          "stage_config, output_dir, start_from() and finish_stage() (magic3d.stage.StageModule)")
     run = RunOptions(**vars(cfg.run)) if not isinstance(cfg.run, RunOptions) else cfg.run
+    start = cfg.start if isinstance(cfg.start, StageStart) else StageStart(**vars(cfg.start))
     model.stage_config = config
     model.output_dir = stage_dir
 
     ckpt_dir = stage_dir / "checkpoints"
-    resume_from = _latest_valid_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
-    start = config.get("start")
-    if resume_from is None and start and start.get("checkpoint"):
-        source = Path(start["checkpoint"])
-        check_checkpoint(source)
-        if start["mode"] == "resume":
-            resume_from = source
+    found = latest_valid_checkpoint(ckpt_dir, is_rank_zero=_is_rank_zero())
+    if found is None and start.checkpoint:
+        source = _source_checkpoint(start)
+        if start.mode == "resume":
+            found = source
         else:
-            start_from_checkpoint(model.scene, source, start["mode"], start.get("converter"),
-                                  start.get("converter_args") or {})
+            model.start_from(source.checkpoint, start)
+    if found is not None:
+        check_compatible(model, found)
 
-    periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                               every_n_train_steps=run.checkpoint_every, save_top_k=-1, save_last=True)
-    trainer_kwargs = {k: v for k, v in vars(cfg.trainer).items()}
+    checkpoint_io = StageCheckpointIO()
+    periodic = PeriodicCheckpoints(ckpt_dir, run.checkpoint_every, run.keep_checkpoints)
+    trainer_kwargs = dict(vars(cfg.trainer))
     trainer_kwargs["strategy"] = resolve_strategy(trainer_kwargs.get("strategy", "auto"),
                                                   trainer_kwargs.get("devices", "auto"),
                                                   trainer_kwargs.get("accelerator", "auto"))
@@ -219,38 +237,36 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
         default_root_dir=str(stage_dir),
         logger=_loggers(stage_dir, run, name=f"{stage_dir.parent.name}/{stage_dir.name}"),
         callbacks=[periodic, StopOnInterrupt(ckpt_dir / "last.ckpt"), TQDMProgressBar(refresh_rate=10)],
-        enable_checkpointing=True,
+        plugins=[checkpoint_io],
+        enable_checkpointing=False,  # PeriodicCheckpoints writes them (no -v1 copies, checksums)
         use_distributed_sampler=False,
     )
-    per_rank_batch_size(datamodule.batch_size, trainer.world_size)  # fail before any process starts
-    if resume_from is not None:
-        check_compatible(model, resume_from)
+    batch_size = getattr(datamodule, "batch_size", None)
+    if batch_size is not None:
+        per_rank_batch_size(batch_size, trainer.world_size)  # fail before any process starts
+    if found is not None:
+        checkpoint_io.preload(found)
         if trainer.is_global_zero:
-            print(f"[magic3d] resuming from {resume_from}", flush=True)
-    start_step = torch.load(resume_from, map_location="cpu", weights_only=True)["global_step"] if resume_from else 0
+            print(f"[magic3d] resuming from {found.path} (step {found.step})", flush=True)
+    start_step = found.step if found is not None else 0
     started = time.time()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
-                weights_only=True)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(found.path) if found else None, weights_only=True)
     fit_seconds = time.time() - started
     if trainer.interrupted or trainer.global_step < (trainer.max_steps or 0):
-        # Ctrl-C (StopOnInterrupt) already saved last.ckpt at a step boundary.
+        # An interrupt (StopOnInterrupt) already saved last.ckpt at a step boundary.
         raise SystemExit(f"[magic3d] stage stopped at step {trainer.global_step}; rerun to continue")
-    trainer.save_checkpoint(ckpt_dir / "last.ckpt")
+    periodic.save_last(trainer)
 
     if trainer.is_global_zero:
-        # Lightning's teardown moved the module back to the CPU; render where it trained.
+        # Lightning's teardown moved the module back to the CPU; finish where it trained.
         model.to(trainer.strategy.root_device)
-        video = stage_dir / "turntable.mp4"
-        render_turntable(model, datamodule, video, fps=run.video_fps, n_views=run.video_views)
         summary = {
             "steps": trainer.global_step,
             "seconds_this_attempt": round(fit_seconds, 1),
-            "skipped_steps": int(model.skipped_steps),
             "checkpoint": str(ckpt_dir / "last.ckpt"),
-            "video": str(video),
-            "prompt": model.prompt,
             "seconds_per_step": round(fit_seconds / max(1, trainer.global_step - start_step), 4),
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         }
+        summary.update(model.finish_stage(datamodule, run.video_fps, run.video_views))
         (stage_dir / "DONE.json").write_text(json.dumps(summary, indent=2))
         print(f"[magic3d] stage finished: {stage_dir}", flush=True)

@@ -8,16 +8,22 @@ never part of the checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torch import Tensor, nn
+from torch import Tensor
 
+from magic3d.checkpoints import StageStart, start_scene
+from magic3d.guidance.base import Guidance
+from magic3d.scenes.base import Scene
 from magic3d.types import CameraBatch, RenderOutput, Shading
 from magic3d.visuals import preview_grid, save_png
+
+GUIDANCE_GROUP_PREFIX = "guidance/"  # lr_overrides key of a guidance parameter group
 
 SHADING_MODES = ("albedo", "lambertian", "textureless")
 
@@ -33,8 +39,7 @@ class LossTerms:
     orientation: Tensor | None
     sparsity: Tensor | None
     opaque: Tensor | None
-    normal_consistency: Tensor | None = None
-    laplacian: Tensor | None = None
+    scene: dict[str, Tensor] = field(default_factory=dict)  # the scene's own weighted terms
 
 
 class TextTo3D(L.LightningModule):
@@ -46,25 +51,28 @@ class TextTo3D(L.LightningModule):
         prompt: the text prompt; recipes fill it in from the command line.
         lr: learning rate of every parameter group not named in ``lr_overrides``.
         lr_overrides: per-part learning rates, keyed by the scene's ``param_groups()`` names
-            (e.g. ``{"background": 0.1}``: Magic3D uses 10x for the environment map, §4.1).
+            (e.g. ``{"background": 0.1}``: Magic3D uses 10x for the environment map, §4.1) and
+            by ``guidance/<name>`` for the guidance's own trainable groups (e.g. LoRA).
         betas, eps: Adam settings (eps 1e-15 is the Instant-NGP choice for hash tables).
         albedo_only_steps: render unshaded colour for the first N steps (stabilises geometry).
         textureless_probability: after that, share of batches shaded without texture; the rest
             are Lambertian with ambient ~ U(ambient_range) and diffuse = 1 - ambient.
         lambda_orientation: (start, end) weight of the orientation loss, ramped linearly over
             ``orientation_ramp_steps``.
-        lambda_sparsity: weight of the mean-opacity penalty (discourages floaters).
+            The term is the scene's "orientation" regulariser (NeRF scenes).
+        lambda_sparsity: weight of the mean-opacity penalty (discourages floaters); the scene's
+            "sparsity" regulariser when it renders one, else the mean opacity.
         lambda_opaque: weight of the binary-opacity penalty (pushes opacity to 0 or 1).
-        lambda_normal_consistency: weight of the mesh normal-consistency term (mesh scenes).
-        lambda_laplacian: weight of the mesh Laplacian-smoothness term (mesh scenes).
+        regularisers: weights of the scene's other regulariser terms, by the names its
+            ``regulariser_names()`` declares (e.g. ``{"normal_consistency": 1e4}`` for DMTet).
         max_consecutive_nonfinite: stop with an error after this many skipped steps in a row.
         preview_every: save a training-render preview every N steps (0 disables).
     """
 
     def __init__(
         self,
-        scene: nn.Module,
-        guidance: nn.Module,
+        scene: Scene,
+        guidance: Guidance,
         prompt: str = "",
         lr: float = 0.01,
         lr_overrides: dict[str, float] | None = None,
@@ -77,8 +85,7 @@ class TextTo3D(L.LightningModule):
         orientation_ramp_steps: int = 1,
         lambda_sparsity: float = 0.0,
         lambda_opaque: float = 0.0,
-        lambda_normal_consistency: float = 0.0,
-        lambda_laplacian: float = 0.0,
+        regularisers: dict[str, float] | None = None,
         max_consecutive_nonfinite: int = 20,
         preview_every: int = 100,
     ) -> None:
@@ -99,8 +106,15 @@ class TextTo3D(L.LightningModule):
         self.orientation_ramp_steps = max(1, orientation_ramp_steps)
         self.lambda_sparsity = lambda_sparsity
         self.lambda_opaque = lambda_opaque
-        self.lambda_normal_consistency = lambda_normal_consistency
-        self.lambda_laplacian = lambda_laplacian
+        self.regularisers = dict(regularisers or {})
+        reserved = sorted({"orientation", "sparsity"} & set(self.regularisers))
+        if reserved:
+            raise ValueError(f"regularisers={reserved}: these terms have their own weights, "
+                             "lambda_orientation and lambda_sparsity; set those instead.")
+        unknown = sorted(set(self.regularisers) - set(scene.regulariser_names()))
+        if unknown:
+            raise ValueError(f"regularisers names {unknown}, but {type(scene).__name__} renders "
+                             f"{list(scene.regulariser_names()) or 'no regulariser terms'}.")
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.preview_every = preview_every
         # Set by the stage runner: the resolved stage config, stored in every checkpoint so a
@@ -127,12 +141,14 @@ class TextTo3D(L.LightningModule):
         self._shading_generator.manual_seed(seed + self.global_rank)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups = self.scene.param_groups()
+        groups = dict(self.scene.param_groups())
+        for name, params in self.guidance.param_groups().items():
+            groups[GUIDANCE_GROUP_PREFIX + name] = params
         unknown = set(self.lr_overrides) - set(groups)
         if unknown:
             raise ValueError(
                 f"lr_overrides names unknown parameter groups {sorted(unknown)}; "
-                f"this scene has {sorted(groups)}."
+                f"this scene and guidance have {sorted(groups)}."
             )
         param_groups = [
             {"params": params, "lr": self.lr_overrides.get(name, self.lr), "name": name}
@@ -142,7 +158,22 @@ class TextTo3D(L.LightningModule):
         return torch.optim.Adam(param_groups, betas=self.betas, eps=self.eps)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["magic3d"] = {"stage_config": self.stage_config, "prompt": self.prompt}
+        model = (self.stage_config or {}).get("model", {})
+        scene = model.get("init_args", model).get("scene")
+        checkpoint["magic3d"] = {"stage_config": self.stage_config, "prompt": self.prompt, "scene": scene}
+
+    # ------------------------------------------------------------------------- stage hooks
+    def start_from(self, checkpoint: dict, start: StageStart) -> None:
+        """Warm start or convert this stage's scene from another stage's checkpoint."""
+        start_scene(self.scene, checkpoint, start)
+
+    def finish_stage(self, datamodule: Any, video_fps: int, video_views: int) -> dict[str, Any]:
+        """After the last step (rank 0): the turntable video; returns what DONE.json records."""
+        from magic3d.video import render_turntable
+
+        video = self.output_dir / "turntable.mp4"
+        render_turntable(self, datamodule, video, fps=video_fps, n_views=video_views)
+        return {"video": str(video), "prompt": self.prompt, "skipped_steps": int(self.skipped_steps)}
 
     # ------------------------------------------------------------------------------ training
     def progress(self) -> float:
@@ -169,25 +200,24 @@ class TextTo3D(L.LightningModule):
         total = sds_loss
         orientation = sparsity = opaque = None
         w_orient = self.orientation_weight()
-        if w_orient > 0 and render.orientation is not None:
-            orientation = render.orientation
+        if w_orient > 0 and "orientation" in render.regularisers:
+            orientation = render.regularisers["orientation"]
             total = total + w_orient * orientation
         if self.lambda_sparsity > 0:
-            sparsity = render.sparsity if render.sparsity is not None else render.opacity.mean()
+            sparsity = render.regularisers.get("sparsity")
+            sparsity = sparsity if sparsity is not None else render.opacity.mean()
             total = total + self.lambda_sparsity * sparsity
         if self.lambda_opaque > 0:
             alpha = render.opacity.clamp(1e-5, 1 - 1e-5)
             opaque = -(alpha * alpha.log() + (1 - alpha) * (1 - alpha).log()).mean()
             total = total + self.lambda_opaque * opaque
-        mesh_terms = {}
-        for name in ("normal_consistency", "laplacian"):
-            weight = getattr(self, f"lambda_{name}")
-            value = getattr(render, name, None)  # only mesh scenes render these terms
-            if weight > 0 and value is not None:
-                mesh_terms[name] = value
-                total = total + weight * value
+        scene_terms = {}
+        for name, weight in self.regularisers.items():
+            if weight > 0:
+                scene_terms[name] = render.regularisers[name]
+                total = total + weight * scene_terms[name]
         return LossTerms(total=total, sds=sds_loss, orientation=orientation, sparsity=sparsity,
-                         opaque=opaque, **mesh_terms)
+                         opaque=opaque, scene=scene_terms)
 
     def on_train_batch_start(self, batch: CameraBatch, batch_idx: int) -> None:
         self.scene.update_step(self.global_step)
@@ -214,8 +244,8 @@ class TextTo3D(L.LightningModule):
             "train/t_mean": guided.timesteps.float().mean(),
             "train/opacity_mean": render.opacity.mean(),
         }
-        for name in ("orientation", "sparsity", "opaque", "normal_consistency", "laplacian"):
-            value = getattr(terms, name)
+        named = {"orientation": terms.orientation, "sparsity": terms.sparsity, "opaque": terms.opaque, **terms.scene}
+        for name, value in named.items():
             if value is not None:
                 log[f"train/loss_{name}"] = value
         if render.samples_per_ray is not None:
@@ -254,7 +284,7 @@ class TextTo3D(L.LightningModule):
                     param.grad = None  # Adam skips parameters without a gradient
             return
         # A tensor, not Lightning's grad_norm(): that one syncs the GPU once per parameter.
-        grads = [p.grad.detach().norm() for p in self.scene.parameters() if p.grad is not None]
+        grads = [p.grad.detach().norm() for p in self.parameters() if p.grad is not None]
         if grads:
             total = torch.linalg.vector_norm(torch.stack(grads))
             self.log("train/param_grad_norm", total, on_step=True, batch_size=1)

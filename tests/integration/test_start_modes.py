@@ -7,10 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from magic3d.checkpoints import (
+    FoundCheckpoint,
+    StageStart,
+    check_compatible,
+    load_scene,
+    read_checkpoint,
+    start_scene,
+)
 from magic3d.config import ConfigError
-from magic3d.scenes.checkpoint import load_scene_from_checkpoint, start_from_checkpoint
 from magic3d.scenes.hash_nerf import HashGridNeRF
-from magic3d.stage import check_compatible
 from magic3d.system import TextTo3D
 
 pytestmark = pytest.mark.slow
@@ -18,7 +24,12 @@ pytestmark = pytest.mark.slow
 
 def _smoke_scene_args(smoke_run: Path) -> dict:
     checkpoint = torch.load(smoke_run / "coarse" / "checkpoints" / "last.ckpt", weights_only=True)
-    return checkpoint["magic3d"]["stage_config"]["model"]["scene"]["init_args"]
+    return checkpoint["magic3d"]["scene"]["init_args"]
+
+
+def start_from_checkpoint(scene, path: Path, mode: str, converter: str | None, converter_args: dict | None = None):
+    start = StageStart(checkpoint=str(path), mode=mode, converter=converter, converter_args=converter_args or {})
+    start_scene(scene, read_checkpoint(path), start)
 
 
 def copy_background(source: torch.nn.Module, target: torch.nn.Module) -> None:
@@ -27,7 +38,7 @@ def copy_background(source: torch.nn.Module, target: torch.nn.Module) -> None:
 
 
 def test_checkpoint_rebuilds_its_scene(smoke_run: Path) -> None:
-    scene = load_scene_from_checkpoint(smoke_run / "coarse" / "checkpoints" / "last.ckpt")
+    scene = load_scene(smoke_run / "coarse" / "checkpoints" / "last.ckpt")
     assert isinstance(scene, HashGridNeRF)
     state = torch.load(smoke_run / "coarse" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert torch.equal(scene.encoding.params, state["scene.encoding.params"])
@@ -37,7 +48,7 @@ def test_warm_start_copies_the_weights(smoke_run: Path) -> None:
     args = {k: v for k, v in _smoke_scene_args(smoke_run).items() if k != "background"}
     target = HashGridNeRF(**args)
     start_from_checkpoint(target, smoke_run / "coarse" / "checkpoints" / "last.ckpt", "warm_start", None)
-    source = load_scene_from_checkpoint(smoke_run / "coarse" / "checkpoints" / "last.ckpt")
+    source = load_scene(smoke_run / "coarse" / "checkpoints" / "last.ckpt")
     for (name, a), (_, b) in zip(sorted(target.state_dict().items()), sorted(source.state_dict().items())):
         assert torch.equal(a, b), name
 
@@ -52,7 +63,7 @@ def test_convert_calls_the_named_function(smoke_run: Path) -> None:
     target = HashGridNeRF(n_levels=2, log2_hashmap_size=8, hidden_dim=8, grid_resolution=0)
     start_from_checkpoint(target, smoke_run / "coarse" / "checkpoints" / "last.ckpt", "convert",
                           f"{__name__}.copy_background")
-    source = load_scene_from_checkpoint(smoke_run / "coarse" / "checkpoints" / "last.ckpt")
+    source = load_scene(smoke_run / "coarse" / "checkpoints" / "last.ckpt")
     for (name, a), (_, b) in zip(sorted(target.background.state_dict().items()),
                                  sorted(source.background.state_dict().items())):
         assert torch.equal(a, b), name
@@ -63,11 +74,13 @@ def test_convert_calls_the_named_function(smoke_run: Path) -> None:
 
 def test_incompatible_checkpoint_is_named(smoke_run: Path) -> None:
     class NoGuidance(torch.nn.Module):
-        pass
+        def param_groups(self) -> dict:
+            return {}
 
     other = TextTo3D(HashGridNeRF(n_levels=2, log2_hashmap_size=8, hidden_dim=8, grid_resolution=0), NoGuidance())
+    path = smoke_run / "coarse" / "checkpoints" / "last.ckpt"
     with pytest.raises(ConfigError, match="does not fit this stage's config"):
-        check_compatible(other, smoke_run / "coarse" / "checkpoints" / "last.ckpt")
+        check_compatible(other, FoundCheckpoint(path, read_checkpoint(path)))
 
 
 def record_settings(source: torch.nn.Module, target: torch.nn.Module, resolution: int = 128) -> None:

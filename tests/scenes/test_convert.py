@@ -95,7 +95,7 @@ def test_texture_fit_reduces_the_albedo_error(converted):
     assert report.texture_mse_after < 0.2 * report.texture_mse_before
     points = CENTRE + RADII * torch.nn.functional.normalize(torch.randn(256, 3), dim=-1)
     with torch.no_grad():
-        error = (target.albedo_at(points) - colour_ramp(points)).abs().mean()
+        error = (target.albedo(points) - colour_ramp(points)).abs().mean()
     assert float(error) < 0.05  # colour in [0, 1]; a constant guess would be ~0.15 off
 
 

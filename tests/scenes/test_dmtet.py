@@ -102,8 +102,8 @@ def test_normal_consistency_zero_when_flat_high_when_noisy():
     mesh = scene.extract_mesh()
     assert float(scene.normal_consistency(mesh)) < 0.05  # measured 0.008
     out = scene.render(front_camera(16), ALBEDO)
-    assert float(out.normal_consistency) == float(normal_consistency(mesh))
-    assert float(out.laplacian) == float(laplacian_smoothness(mesh))
+    assert float(out.regularisers["normal_consistency"]) == float(normal_consistency(mesh))
+    assert float(out.regularisers["laplacian"]) == float(laplacian_smoothness(mesh))
 
 
 def test_normal_consistency_has_gradients():

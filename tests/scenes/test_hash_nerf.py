@@ -173,8 +173,8 @@ def test_orientation_penalises_normals_facing_away():
     out = scene.render(front_cameras(), shading("albedo"))
     # Blob normals point outwards: visible samples face the camera; only samples behind the
     # (almost opaque) front surface face away, and they carry tiny weights.
-    assert 0 <= out.orientation.item() < 1e-2
-    torch.testing.assert_close(out.sparsity, out.opacity.mean())
+    assert 0 <= out.regularisers["orientation"].item() < 1e-2
+    torch.testing.assert_close(out.regularisers["sparsity"], out.opacity.mean())
 
 
 def test_training_render_is_reproducible_under_a_seed():
@@ -253,5 +253,5 @@ def test_cuda_render_matches_cpu_and_trains(mode):
     torch.testing.assert_close(gpu.rgb.cpu(), cpu.rgb, atol=1e-4, rtol=0)
     scene.train()
     out = scene.render(cams.to("cuda"), gpu_shading)
-    (out.rgb.mean() + out.orientation).backward()
+    (out.rgb.mean() + out.regularisers["orientation"]).backward()
     assert scene.encoding.params.grad.abs().sum() > 0

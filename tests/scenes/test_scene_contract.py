@@ -15,7 +15,7 @@ import torch
 
 from magic3d.data.cameras import look_at_c2w
 from magic3d.scenes.background import EnvironmentMapBackground
-from magic3d.scenes.base import Scene, shade
+from magic3d.scenes.base import Scene, SceneModule, shade
 from magic3d.scenes.hash_nerf import HashGridNeRF
 from magic3d.types import CameraBatch, Shading
 
@@ -97,9 +97,14 @@ def test_render_shapes_ranges_and_finiteness(factory):
         # Weights sum to 1 - transmittance; float32 rounding may overshoot 1 by a few ulps.
         assert out.rgb.min() >= 0 and out.rgb.max() <= 1 + 1e-6
         assert out.opacity.min() >= 0 and out.opacity.max() <= 1 + 1e-6
-        for name in ("orientation", "sparsity"):
-            value = getattr(out, name)
-            assert value is None or (value.dim() == 0 and torch.isfinite(value)), name
+        assert set(out.regularisers) == set(scene.regulariser_names())
+        for name, value in out.regularisers.items():
+            assert value.dim() == 0 and torch.isfinite(value), name
+
+
+@FACTORIES
+def test_scene_implements_the_protocol(factory):
+    assert isinstance(factory(), Scene), "configs type-check scenes against magic3d.scenes.base.Scene"
 
 
 @FACTORIES
@@ -109,9 +114,8 @@ def test_gradients_reach_every_trainable_parameter(factory):
     scene.update_step(0)
     out = scene.render(two_cameras(), LAMBERTIAN)
     loss = out.rgb.square().mean()
-    for regulariser in (out.orientation, out.sparsity):
-        if regulariser is not None:
-            loss = loss + regulariser
+    for regulariser in out.regularisers.values():
+        loss = loss + regulariser
     loss.backward()
     for name, param in scene.named_parameters():
         if param.requires_grad:
@@ -178,7 +182,7 @@ def test_shade_broadcasts_ambient_over_image_axes_and_rejects_bad_modes():
 
 
 def test_base_scene_defaults():
-    class Constant(Scene):
+    class Constant(SceneModule):
         def __init__(self):
             super().__init__()
             self.weight = torch.nn.Parameter(torch.ones(1))
@@ -188,3 +192,7 @@ def test_base_scene_defaults():
     assert scene.param_groups() == {"network": [scene.weight]}
     with pytest.raises(NotImplementedError):
         scene.render(two_cameras(), LAMBERTIAN)
+    # Optional abilities default to "absent", declared rather than probed with hasattr.
+    assert scene.extract_mesh() is None and scene.density_field() is None
+    assert scene.regulariser_names() == ()
+    assert isinstance(scene, Scene)

@@ -17,8 +17,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from magic3d.guidance.loading import PipelineSource, canonical_device, half_dtype_for, module_dtype
-from magic3d.guidance.prompts import PromptEmbeddings, compute_prompt_embeddings, release_text_encoder
+from magic3d.guidance.loading import (
+    PipelineSource,
+    canonical_device,
+    half_dtype_for,
+    module_dtype,
+)
+from magic3d.guidance.prompts import (
+    PromptEmbeddings,
+    compute_prompt_embeddings,
+    release_text_encoder,
+)
 
 TEXT_MAX_LENGTH = 77  # IF pads T5 prompts and SD pads CLIP prompts to 77 tokens
 

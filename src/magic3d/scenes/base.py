@@ -28,12 +28,13 @@ class DensityField:
     """A scene seen as a density field: what conversion, mesh export and evaluation query.
 
     ``density(points)`` is volume density (1/length) and ``albedo(points)`` colour in [0, 1] at
-    world-space points inside the box ``[-radius, radius]^3``.
+    world-space points inside the box ``[-radius, radius]^3``; ``device`` is where to query.
     """
 
     density: Callable[[Tensor], Tensor]
     albedo: Callable[[Tensor], Tensor]
     radius: float
+    device: torch.device
 
 
 @runtime_checkable

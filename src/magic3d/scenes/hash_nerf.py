@@ -22,7 +22,12 @@ from torch import Tensor, nn
 
 from magic3d.data.rays import camera_rays
 from magic3d.ops.hashgrid import HashGrid, hashgrid_encode
-from magic3d.ops.volume import OccupancyGrid, composite, march_step_size, sample_along_rays
+from magic3d.ops.volume import (
+    OccupancyGrid,
+    composite,
+    march_step_size,
+    sample_along_rays,
+)
 from magic3d.scenes.background import EnvironmentMapBackground
 from magic3d.scenes.base import DensityField, SceneModule, shade
 from magic3d.types import CameraBatch, RenderOutput, Shading
@@ -280,7 +285,8 @@ class HashGridNeRF(SceneModule):
         return ("orientation", "sparsity")
 
     def density_field(self) -> DensityField:
-        return DensityField(density=self.density, albedo=self.albedo, radius=self.radius)
+        return DensityField(density=self.density, albedo=self.albedo, radius=self.radius,
+                            device=self.encoding.params.device)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         network = list(self.density_albedo_head.parameters())
