@@ -27,6 +27,7 @@ from magic3d.config import (
     load_yaml,
     recipes_dir,
 )
+from magic3d.checkpoints import START_MODES
 from magic3d.stage import SEED_RANGE, with_default_classes
 
 DEFAULT_RECIPE = "coarse_to_fine"

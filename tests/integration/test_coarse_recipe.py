@@ -54,7 +54,7 @@ def test_smoke_run_folder_has_everything(smoke_run: Path) -> None:
 
 def test_checkpoint_is_safe_and_self_describing(smoke_run: Path) -> None:
     checkpoint = torch.load(smoke_run / "coarse" / "checkpoints" / "last.ckpt", weights_only=True)
-    scene_spec = checkpoint["magic3d"]["stage_config"]["model"]["scene"]
+    scene_spec = checkpoint["magic3d"]["scene"]
     assert scene_spec["class_path"] == "magic3d.scenes.hash_nerf.HashGridNeRF"
     assert not any(k.startswith("guidance.") for k in checkpoint["state_dict"]), "frozen prior leaked"
 
@@ -142,7 +142,9 @@ def test_corrupt_checkpoint_is_reported_and_kept(tmp_path: Path, tiny_pixel_pipe
                      f"model.guidance.pretrained={tiny_pixel_pipeline}", "trainer.max_steps=2")
     assert result.returncode != 0
     assert "corrupt" in result.stderr and "last.ckpt" in result.stderr
-    assert ckpt.read_bytes() == b"not a checkpoint", "the user's file must not be overwritten"
+    kept = ckpt.with_name("last.ckpt.corrupt")
+    assert kept.read_bytes() == b"not a checkpoint", "the user's file is kept under another name"
+    assert not ckpt.exists(), "the next run may start over: the corrupt file is out of the way"
 
 
 def test_recipes_dir_is_the_repository_folder() -> None:

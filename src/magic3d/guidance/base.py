@@ -170,16 +170,19 @@ class Guidance(Protocol):
     device; ``step`` turns channel-last renders into a loss whose gradient is the guidance's
     signal; ``param_groups`` names the guidance's own trainable parameters (e.g. LoRA
     adapters), which reach the optimiser with their own learning rate (empty for frozen SDS).
+    Members are unannotated on purpose (see ``magic3d.scenes.base.Scene``); the types are in
+    the docstrings.
     """
 
-    def setup(self, prompt: str, device: torch.device | str) -> None:
-        """Load the frozen model and the prompt embeddings onto ``device``."""
+    def setup(self, prompt, device):
+        """(str, torch.device | str) -> None: load the frozen model and the prompt embeddings."""
 
-    def step(self, rgb: Float[Tensor, "B H W 3"], cameras: CameraBatch, progress: float) -> GuidanceOutput:
-        """One guidance step on channel-last renders in [0, 1]."""
+    def step(self, rgb, cameras, progress):
+        """(Float[Tensor, "B H W 3"], CameraBatch, float) -> GuidanceOutput: one step on
+        channel-last renders in [0, 1]; ``progress`` is the fraction of training done."""
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by named part; {} when everything is frozen."""
+    def param_groups(self):
+        """() -> dict[str, list[nn.Parameter]]: trainable parameters by named part; {} when frozen."""
 
 
 class ScoreDistillation(nn.Module):

@@ -42,28 +42,36 @@ class Scene(Protocol):
     """What a 3D representation must offer to be optimised by ``TextTo3D`` and read by export
     and evaluation. Configs are checked against it (jsonargparse refuses a ``class_path`` that
     does not implement it). Subclass :class:`SceneModule` for the defaults of the optional
-    abilities (``extract_mesh``, ``density_field``, ``regulariser_names``)."""
+    abilities (``extract_mesh``, ``density_field``, ``regulariser_names``).
 
-    def render(self, cameras: CameraBatch, shading: Shading) -> RenderOutput:
-        """Render a batch of cameras (channel-last, [0, 1]) with the given shading."""
+    The members are declared without annotations on purpose: jsonargparse requires annotated
+    protocol types to match an implementation's exactly, and two spellings of the same
+    jaxtyping shape are not equal objects. The types are in each docstring; the
+    implementations carry the annotated signatures.
+    """
 
-    def update_step(self, step: int) -> None:
-        """Per-iteration housekeeping before the render (occupancy updates etc.)."""
+    def render(self, cameras, shading):
+        """(CameraBatch, Shading) -> RenderOutput, channel-last in [0, 1]."""
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by named part; the stage maps a learning rate to each name."""
+    def update_step(self, step):
+        """(int) -> None: per-iteration housekeeping before the render (occupancy updates etc.)."""
 
-    def regulariser_names(self) -> tuple[str, ...]:
-        """Names of the scalar terms this scene puts in ``RenderOutput.regularisers``."""
+    def param_groups(self):
+        """() -> dict[str, list[nn.Parameter]]: trainable parameters by named part; the stage
+        maps a learning rate to each name."""
 
-    def albedo(self, points: Float[Tensor, "P 3"]) -> Float[Tensor, "P 3"]:
-        """Unshaded colour in [0, 1] at world-space points (texture baking, conversion)."""
+    def regulariser_names(self):
+        """() -> tuple[str, ...]: names of the scalar terms put in ``RenderOutput.regularisers``."""
 
-    def extract_mesh(self) -> Mesh | None:
-        """The scene's own explicit surface (DMTet), or None when it has none (NeRF)."""
+    def albedo(self, points):
+        """(Float[Tensor, "P 3"]) -> Float[Tensor, "P 3"]: unshaded colour in [0, 1] at
+        world-space points (texture baking, conversion)."""
 
-    def density_field(self) -> DensityField | None:
-        """The scene as a density field (NeRF), or None when it is not one (DMTet)."""
+    def extract_mesh(self):
+        """() -> Mesh | None: the scene's own explicit surface (DMTet), None when it has none."""
+
+    def density_field(self):
+        """() -> DensityField | None: the scene as a density field (NeRF), None when it is not one."""
 
 
 class SceneModule(nn.Module):
