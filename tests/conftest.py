@@ -76,3 +76,25 @@ def tiny_latent_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from magic3d.guidance.builders import build_latent_pipeline
 
     return build_latent_pipeline(tmp_path_factory.mktemp("tiny_sd"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def smoke_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An evaluator classifier folder from the smoke training (a few steps on tiny data)."""
+    from magic3d.eval.train_classifier import train_classifier
+
+    out = tmp_path_factory.mktemp("evaluator") / "evaluator"
+    result = train_classifier(out, minutes=1.0, smoke=True, device="cpu", log=lambda *_: None)
+    assert result.steps == 4
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained evaluator classifier folder: for tests of the mechanics, not its accuracy."""
+    import torch
+
+    from magic3d.eval.classifier import ToyWorldClassifier
+
+    torch.manual_seed(0)
+    return ToyWorldClassifier().save(tmp_path_factory.mktemp("evaluator") / "evaluator")

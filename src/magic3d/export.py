@@ -3,7 +3,7 @@
 The output of Magic3D is a textured mesh usable in graphics software. The pipeline:
 
 1. a triangle mesh: the DMTet scene's ``extract_mesh()``, or :func:`nerf_mesh` for the coarse
-   NeRF (density sampled on a Kuhn tet grid, marching tets at the half-opacity level);
+   NeRF (density sampled on a Kuhn tet grid, marching tets at the visible-surface level);
 2. :func:`unwrap_uv`: xatlas charts and packs the mesh; it splits vertices along seams, so the
    result is re-indexed (vertices, faces, uvs aligned; ``vmapping`` points to the source vertex);
 3. :func:`bake_texture`: the mesh is rasterised in UV space (UV coordinates used as clip
@@ -41,6 +41,7 @@ from torch import Tensor
 from magic3d.ops.marching_tets import Mesh, marching_tets
 from magic3d.ops.raster import interpolate, rasterize
 from magic3d.ops.tetgrid import make_tet_grid
+from magic3d.ops.voxels import sample_density_grid, visible_solid
 from magic3d.scenes.base import DensityField, Scene
 from magic3d.scenes.dmtet import vertex_normals
 
@@ -393,16 +394,14 @@ def visible_density_level(density_fn, radius: float, resolution: int, device) ->
     """Median density where the part that looks solid from outside (optical depth > ln 2 along
     the cheapest axis direction) meets the outside: robust to the density scale of a soft
     coarse NeRF and to a near-empty interior behind an opaque shell."""
-    from magic3d.scenes.convert import sample_density_grid, visible_solid
-
     grid = sample_density_grid(density_fn, radius, resolution, device)
-    try:
-        return visible_solid(grid, 2.0 * radius / resolution)[1]
-    except ValueError:
+    visible = visible_solid(grid, 2.0 * radius / resolution)
+    if visible.boundary_level is None:
         raise ValueError(
             f"nerf_mesh: nothing in the scene is opaque (density range [{float(grid.min()):.4g}, "
             f"{float(grid.max()):.4g}] on a {resolution}^3 grid); train the scene longer or pass a threshold"
-        ) from None
+        )
+    return visible.boundary_level
 
 
 def nerf_mesh(

@@ -99,14 +99,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         train_classifier(args.out, args.minutes, args.smoke, args.device, args.seed, args.max_steps, config)
         return 0
 
-    from magic3d.eval.evaluate import (
-        EvalOptions,
-        aggregate_runs,
-        evaluate_prior,
-        evaluate_run,
-        prior_quality_markdown,
-        write_prior_report,
-    )
+    from magic3d.eval.aggregate import aggregate_runs
+    from magic3d.eval.options import EvalOptions
+    from magic3d.eval.prior import evaluate_prior
+    from magic3d.eval.prior_report import prior_quality_markdown, write_prior_report
+    from magic3d.eval.run import evaluate_run
 
     if args.command == "prior":
         result = evaluate_prior(args.pipeline, args.n_per_caption, args.steps, args.guidance_scale, args.classifier,

@@ -190,3 +190,29 @@ def read_metadata(folder: str | Path) -> dict[str, Any]:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_classifier(classifier: str | Path | ToyWorldClassifier, device: torch.device) -> ToyWorldClassifier:
+    """A classifier object (moved to ``device``) or a saved folder, ready for ``predict``."""
+    if isinstance(classifier, ToyWorldClassifier):
+        return classifier.to(device).eval()
+    return ToyWorldClassifier.load(classifier, device)
+
+
+def classifier_info(classifier: str | Path | ToyWorldClassifier) -> dict[str, Any]:
+    """What a report records about its classifier: the folder and its held-out accuracies."""
+    if isinstance(classifier, ToyWorldClassifier):
+        return {"folder": None}
+    meta = read_metadata(classifier)
+    return {"folder": str(classifier), "heldout_accuracy": meta.get("heldout_accuracy")}
+
+
+def class_index(names: tuple[str, ...], name: str, what: str) -> int:
+    """Index of ``name`` in one of the classifier's vocabularies; an error that says how to
+    retrain it when the toy world has grown past the saved classifier."""
+    if name not in names:
+        raise ValueError(
+            f"the evaluator classifier does not know the {what} {name!r} (it knows {names}); "
+            "retrain it: python -m magic3d.eval train-classifier"
+        )
+    return names.index(name)

@@ -4,15 +4,14 @@
 - Classifier metrics on rendered views: R-precision over every toy-world caption, shape and
   colour accuracy, view accuracy, Janus rate (back views that look like front views).
 - Geometry: silhouette IoU against ground-truth masks, Chamfer distance between ground-truth
-  surface samples and the surface of a density field (NeRF) or of a triangle mesh (DMTet).
+  surface samples and the surface of a density field (NeRF; its visible surface, the rule
+  conversion and export use) or of a triangle mesh (DMTet).
 - Images: area-average downsampling (high-resolution renders to the classifier's input).
 """
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,8 @@ from torch import Tensor
 
 from magic3d.data.cameras import VIEW_NAMES, view_index
 from magic3d.eval.classifier import Prediction
+from magic3d.ops.volume import DensityFn
+from magic3d.ops.voxels import sample_density_grid, visible_solid, visible_surface_points
 from magic3d.toyworld.shapes import COLOUR_NAMES, SHAPE_NAMES, caption
 
 # ---------------------------------------------------------------------------------------------
@@ -197,91 +198,42 @@ def chamfer_distance(gt: Float[Tensor, "P 3"], pred: Float[Tensor, "Q 3"], chunk
     return ChamferResult(0.5 * (gt_to_pred + pred_to_gt), gt_to_pred, pred_to_gt)
 
 
-def half_opacity_density(voxel_size: float) -> float:
-    """Density at which one voxel of ``voxel_size`` is half opaque: 1 - exp(-sigma h) = 0.5.
-
-    A fixed, physically readable iso-level (no per-scene tuning that floaters could fool): at
-    96^3 over [-1, 1]^3 it is ln 2 / 0.0208 = 33, close to threestudio's iso-level 25 for
-    softplus densities.
-    """
-    return math.log(2.0) / voxel_size
-
-
-def voxel_centres(radius: float, resolution: int, device: torch.device | str = "cpu") -> Float[Tensor, "R R R 3"]:
-    h = 2.0 * radius / resolution
-    axis = -radius + (torch.arange(resolution, device=device, dtype=torch.float32) + 0.5) * h
-    return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1)
-
-
-def iso_crossings(
-    values: Float[Tensor, "R R R"], threshold: float, radius: float
-) -> Float[Tensor, "N 3"]:
-    """Where ``values`` crosses ``threshold`` between neighbouring voxel centres.
-
-    For every occupied voxel (value > threshold) and each of its 6 neighbours that is empty
-    (outside the grid counts as empty, value 0), the crossing is placed on the segment between
-    the two centres by linear interpolation, as marching cubes places its vertices. This is
-    exact for fields linear along the grid axes and avoids the half-voxel inward bias of
-    taking boundary voxel centres.
-    """
-    r = values.shape[0]
-    h = 2.0 * radius / r
-    padded = F.pad(values[None, None], (1, 1, 1, 1, 1, 1))[0, 0]  # outside: density 0
-    occupied = padded > threshold
-    inner = (slice(1, -1),) * 3
-    found = []
-    for dim in range(3):
-        for sign in (1, -1):
-            # neighbour[i] = padded[i + sign] along `dim`
-            neighbour = torch.roll(padded, shifts=-sign, dims=dim)[inner]
-            crossing = occupied[inner] & ~(neighbour > threshold)
-            index = torch.nonzero(crossing)
-            if index.shape[0] == 0:
-                continue
-            d_in = values[crossing]
-            d_out = neighbour[crossing]
-            t = ((d_in - threshold) / (d_in - d_out).clamp_min(1e-12)).clamp(0.0, 1.0)
-            point = -radius + (index.to(values.dtype) + 0.5) * h
-            point[:, dim] += sign * h * t
-            found.append(point)
-    return torch.cat(found) if found else values.new_zeros(0, 3)
-
-
 @dataclass
 class DensitySurface:
-    points: Float[Tensor, "N 3"]  # iso-level crossings (subsampled), CPU
-    threshold: float
-    occupied_fraction: float
+    points: Float[Tensor, "N 3"]  # visible-surface points (subsampled), CPU
+    level: float | None  # median density where the visible solid meets the outside; None: nothing opaque
+    occupied_fraction: float  # share of the grid's voxels in the visible solid
     voxel_size: float
+    max_optical_depth: float  # largest optical depth from outside (< ln 2: nothing is opaque)
 
 
 @torch.no_grad()
 def density_surface_points(
-    density: Callable[[Tensor], Tensor],
+    density: DensityFn,
     radius: float,
     resolution: int = 96,
     n_points: int = 5000,
-    threshold: float | None = None,
     device: torch.device | str = "cpu",
     chunk: int = 1 << 18,
     generator: torch.Generator | None = None,
 ) -> DensitySurface:
-    """Surface samples of a density field: its ``threshold`` crossings on a voxel grid.
+    """Surface samples of a density field by the visible-surface rule that conversion and
+    export use (``magic3d.ops.voxels``): where the optical depth from outside reaches ln 2.
 
-    The field is sampled at voxel centres of a ``resolution``^3 grid over [-radius, radius]^3
-    and the surface points are :func:`iso_crossings` of it; ``threshold`` defaults to
-    :func:`half_opacity_density`. At most ``n_points`` are kept (random subset from
-    ``generator``); an empty field gives no points.
+    The field is sampled at voxel centres of a ``resolution``^3 grid over [-radius, radius]^3.
+    A fixed density level (half opacity over one voxel) would report "no surface" for soft
+    NeRFs that render opaque through their thickness without any voxel reaching it. At most
+    ``n_points`` are kept (random subset from ``generator``); a field with nothing opaque
+    gives no points.
     """
     h = 2.0 * radius / resolution
-    threshold = half_opacity_density(h) if threshold is None else float(threshold)
-    centres = voxel_centres(radius, resolution, device).reshape(-1, 3)
-    values = torch.cat([density(centres[i : i + chunk]).reshape(-1).float() for i in range(0, centres.shape[0], chunk)])
-    grid = values.reshape(resolution, resolution, resolution)
-    points = iso_crossings(grid, threshold, radius).cpu()
+    grid = sample_density_grid(density, radius, resolution, device, chunk)
+    visible = visible_solid(grid, h)
+    points = visible_surface_points(grid, radius).cpu()
     if points.shape[0] > n_points:
         points = points[torch.randperm(points.shape[0], generator=generator)[:n_points]]
-    return DensitySurface(points, threshold, float((grid > threshold).float().mean()), h)
+    return DensitySurface(points, visible.boundary_level, float(visible.solid.float().mean()), h,
+                          visible.max_optical_depth)
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Coarse hash-grid NeRF -> fine DMTet scene (Magic3D §4.2: the fine stage starts from the coarse one).
 
 ``nerf_to_dmtet(source, target)`` fills ``target`` in place (the converter signature of
-``magic3d.scenes.checkpoint``). Steps, each a small pure function below:
+``magic3d.scenes.checkpoint``). Steps, each a small pure function below or in
+``magic3d.ops.voxels`` (the grid sampling and the visible-surface rule, shared with export and
+the evaluator):
 
 1. Sample the coarse density at the voxel centres of a ``resolution``^3 grid over
    [-radius, radius]^3.
@@ -34,8 +36,6 @@
 
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from magic3d.eval.metrics import iso_crossings, voxel_centres
+from magic3d.ops.voxels import iso_crossings, sample_density_grid, visible_solid
 from magic3d.scenes.dmtet import DMTetScene
 from magic3d.scenes.hash_nerf import HashGridNeRF
 
@@ -63,18 +63,6 @@ class ConversionReport:
 
 
 # --------------------------------------------------------------------------------- grid ops
-
-
-@torch.no_grad()
-def sample_density_grid(
-    density: Callable[[Tensor], Tensor], radius: float, resolution: int,
-    device: torch.device | str = "cpu", chunk: int = 1 << 18,
-) -> Float[Tensor, "R R R"]:
-    """Density at the voxel centres of a ``resolution``^3 grid over [-radius, radius]^3."""
-    centres = voxel_centres(radius, resolution, device).reshape(-1, 3)
-    values = torch.cat([density(centres[i: i + chunk]).reshape(-1).float()
-                        for i in range(0, centres.shape[0], chunk)])
-    return values.reshape(resolution, resolution, resolution)
 
 
 @torch.no_grad()
@@ -235,50 +223,6 @@ def surface_band_points(
     return surface[pick] + jitter
 
 
-def _eroded(mask: Bool[Tensor, "X Y Z"]) -> Bool[Tensor, "X Y Z"]:
-    """Voxels of ``mask`` whose six face neighbours are all in ``mask`` (outside the grid is empty)."""
-    empty = torch.nn.functional.pad((~mask).float()[None, None], (1, 1, 1, 1, 1, 1), value=1.0)
-    kernel = torch.zeros(1, 1, 3, 3, 3, dtype=empty.dtype, device=empty.device)
-    for offset in ((0, 1, 1), (2, 1, 1), (1, 0, 1), (1, 2, 1), (1, 1, 0), (1, 1, 2)):
-        kernel[(0, 0, *offset)] = 1.0
-    touches_empty = torch.nn.functional.conv3d(empty, kernel)[0, 0] > 0
-    return mask & ~touches_empty
-
-
-def visible_solid(density_grid: Float[Tensor, "R R R"], voxel: float) -> tuple[Bool[Tensor, "R R R"], float]:
-    """What a viewer sees as solid (optical depth from outside > ln 2) and the median density
-    where that set meets the outside. Raises when nothing is opaque.
-
-    The set itself, not a density level, is the occupancy: the lowest density inside it fills
-    the whole box when an opaque shell hides a near-empty interior (seen on an H100 coarse run:
-    level 1.4e-24, 1.2 M of 2.1 M voxels kept)."""
-    depth = optical_depth_from_outside(density_grid, voxel)
-    solid = depth > math.log(2.0)
-    if not solid.any():
-        raise ValueError(
-            f"no part of the coarse scene is opaque (largest optical depth from outside "
-            f"{float(depth.max()):.3g} < ln 2; density range [{float(density_grid.min()):.4g}, "
-            f"{float(density_grid.max()):.4g}]): check that the coarse stage produced an object, "
-            "or pass a density threshold."
-        )
-    return solid, float(density_grid[solid & ~_eroded(solid)].median())
-
-
-def optical_depth_from_outside(density_grid: Float[Tensor, "R R R"], voxel: float) -> Float[Tensor, "R R R"]:
-    """For each voxel centre, the smallest optical depth a ray along any of the six axis
-    directions accumulates from outside the grid to it. A voxel is seen as solid when this
-    exceeds ln 2 (transmittance below one half), whatever the density scale of the NeRF."""
-    tau = density_grid * voxel
-    smallest = None
-    for dim in range(3):
-        for flip in (False, True):
-            t = tau.flip(dim) if flip else tau
-            depth = torch.cumsum(t, dim) - 0.5 * t  # up to the voxel centre
-            depth = depth.flip(dim) if flip else depth
-            smallest = depth if smallest is None else torch.minimum(smallest, depth)
-    return smallest
-
-
 # --------------------------------------------------------------------------------- converter
 
 
@@ -309,7 +253,14 @@ def convert_nerf_to_dmtet(
         # The surface a viewer sees: where the optical depth from outside reaches ln 2. A fixed
         # density level (half opacity over one voxel, 44 at 128^3) misses soft coarse NeRFs whose
         # density peaks lower yet render opaque through their thickness.
-        occupied, level = visible_solid(grid, voxel)
+        visible = visible_solid(grid, voxel)
+        if visible.is_empty:
+            raise ValueError(
+                f"no part of the coarse scene is opaque (largest optical depth from outside "
+                f"{visible.max_optical_depth:.3g} < ln 2; density range [{low:.4g}, {high:.4g}]): "
+                "check that the coarse stage produced an object, or pass a density threshold."
+            )
+        occupied, level = visible.solid, visible.boundary_level
     else:
         level = float(threshold)
         if not low < level < high:
