@@ -8,30 +8,53 @@ skipped.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from magic3d.devices import module_device
-from magic3d.eval.abilities import can_extract_mesh, can_query_density, scene_radius
 from magic3d.eval.metrics import chamfer_distance, density_surface_points, mesh_surface_points
 from magic3d.eval.options import EvalOptions
 from magic3d.ops.marching_tets import Mesh
+from magic3d.scenes.base import DensityField, Scene
 from magic3d.toyworld.shapes import Shape, surface_points
 
 
+@dataclass
+class SceneSurface:
+    """Whether a scene has a mesh of its own, and that mesh (None when it is empty)."""
+
+    is_mesh_scene: bool
+    mesh: Mesh | None
+
+
+def scene_surface(scene: Scene, notes: list[str]) -> SceneSurface:
+    """The scene's own mesh; an empty one (DMTet with no SDF sign change) is noted and None."""
+    try:
+        mesh = scene.extract_mesh()
+    except ValueError as err:  # DMTetScene: the SDF has no zero crossing
+        notes.append(f"empty surface, scored as an empty scene: {err}")
+        return SceneSurface(True, None)
+    if mesh is None:
+        return SceneSurface(False, None)
+    if mesh.faces.shape[0] == 0:
+        notes.append("empty surface (no faces), scored as an empty scene")
+        return SceneSurface(True, None)
+    return SceneSurface(True, mesh)
+
+
 def scene_chamfer(
-    scene: Any, mesh: Mesh | None, shape: Shape, options: EvalOptions, notes: list[str]
+    scene: Scene, surface: SceneSurface, shape: Shape, options: EvalOptions, notes: list[str]
 ) -> dict[str, float] | None:
-    """The Chamfer detail of ``scene`` (``mesh``: its extracted surface, None when it is empty),
+    """The Chamfer detail of ``scene`` (``surface``: its own mesh, see :func:`scene_surface`),
     or None with a note saying why there is none."""
-    if can_extract_mesh(scene):
-        return None if mesh is None else mesh_chamfer(mesh, shape, options, notes)
-    if can_query_density(scene):
-        return density_chamfer(scene, shape, options, notes)
-    notes.append(f"{type(scene).__name__} has neither extract_mesh() nor density(points): Chamfer distance skipped")
+    if surface.is_mesh_scene:
+        return None if surface.mesh is None else mesh_chamfer(surface.mesh, shape, options, notes)
+    field = scene.density_field()
+    if field is not None:
+        return density_chamfer(field, shape, options, notes)
+    notes.append(f"{type(scene).__name__} has neither a mesh nor a density field: Chamfer distance skipped")
     return None
 
 
@@ -45,10 +68,11 @@ def mesh_chamfer(mesh: Mesh, shape: Shape, options: EvalOptions, notes: list[str
                                    n_vertices=surface.n_vertices, n_faces=surface.n_faces)
 
 
-def density_chamfer(scene: Any, shape: Shape, options: EvalOptions, notes: list[str]) -> dict[str, float] | None:
+def density_chamfer(field: DensityField, shape: Shape, options: EvalOptions,
+                    notes: list[str]) -> dict[str, float] | None:
     generator = torch.Generator().manual_seed(options.seed)
-    surface = density_surface_points(scene.density, scene_radius(scene), options.chamfer_resolution,
-                                     options.chamfer_points, device=module_device(scene), generator=generator)
+    surface = density_surface_points(field.density, field.radius, options.chamfer_resolution,
+                                     options.chamfer_points, device=field.device, generator=generator)
     if surface.level is None:
         notes.append(
             f"nothing in the scene is opaque (largest optical depth from outside {surface.max_optical_depth:.3g} "
