@@ -146,3 +146,12 @@ def test_cuda_fine_vs_coarse_at_512(random_classifier: Path, tmp_path: Path) -> 
     # except for the thin beak and tail, which the coarse grid cuts (measured ~0.97 at 256²).
     assert fine["metrics"]["silhouette_iou"] > 0.9
     assert report["comparisons"][0]["difference"]["silhouette_iou"] > 0.0  # the blob is a worse duck
+
+
+def test_a_stage_folder_is_evaluated_alone(random_classifier: Path, tmp_path: Path) -> None:
+    # `make eval run=<run>/fine` used to say the folder "has no finished stage".
+    run = make_coarse_to_fine_run(tmp_path / "run", "a red sphere", "sphere")
+    options = EvalOptions(**{**SMALL, "views": 2, "chamfer_resolution": 16})
+    result = evaluate_run(run / "fine", options, classifier=random_classifier, device="cpu")
+    assert [s.stage for s in result.stages] == ["fine"]
+    assert result.json_path.parent == run / "eval"

@@ -42,10 +42,19 @@ def evaluate_run(
     classifier: str | Path | ToyWorldClassifier = DEFAULT_FOLDER,
     device: str | torch.device = "auto",
 ) -> RunEval:
-    """Evaluate every finished stage (or ``stage``) and write eval.json / eval.md / contact_sheet.png."""
+    """Evaluate every finished stage (or ``stage``) and write eval.json / eval.md / contact_sheet.png.
+
+    ``run_dir`` may also be one stage folder of a run: that stage alone is evaluated.
+    """
+    from magic3d.runs import is_stage_dir
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    if is_stage_dir(run_dir):
+        if stage is not None and stage != run_dir.name:
+            raise ValueError(f"{run_dir} is stage {run_dir.name!r} itself; drop --stage {stage} or pass the run folder")
+        run_dir, stage = run_dir.parent, run_dir.name
     dev = resolve_device(device)
     model = load_classifier(classifier, dev)
     results = []
