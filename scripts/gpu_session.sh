@@ -14,7 +14,7 @@ TESTS=$(tail -1 "$OUT/test_gpu.log")
 python3 -m magic3d.bench --fine --append "$OUT/bench.md" 2>&1 | tee "$OUT/bench.log" | tail -25
 
 python3 - <<'PY'
-from magic3d.guidance.builders import build_pixel_pipeline
+from magic3d.testing.random_pipelines import build_pixel_pipeline
 import torch
 build_pixel_pipeline("/tmp/if_random", "if-i-xl", seed=0, dtype=torch.float16)
 PY

@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_pixel_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight tiny IF stage-I pipeline folder, built once per test session."""
-    from magic3d.guidance.builders import build_pixel_pipeline
+    from magic3d.testing.random_pipelines import build_pixel_pipeline
 
     return build_pixel_pipeline(tmp_path_factory.mktemp("tiny_if"), "tiny", seed=0)
 
@@ -73,7 +73,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Pat
 @pytest.fixture(scope="session")
 def tiny_latent_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight tiny Stable-Diffusion-style pipeline folder, built once per session."""
-    from magic3d.guidance.builders import build_latent_pipeline
+    from magic3d.testing.random_pipelines import build_latent_pipeline
 
     return build_latent_pipeline(tmp_path_factory.mktemp("tiny_sd"), "tiny", seed=0)
 

@@ -56,7 +56,7 @@ def coarse_iteration(batch_sizes=(1, 8, 32), iters: int = 10, warmup: int = 3,
                      unet_size: str = "if-i-xl", n_samples_per_ray: int = 512,
                      grid_resolution: int = 128) -> list[CoarseTiming]:
     from magic3d.data.cameras import CameraRanges, sample_random_cameras
-    from magic3d.guidance.builders import build_pixel_unet, build_scheduler
+    from magic3d.testing.random_pipelines import build_pixel_unet, build_scheduler
     from magic3d.guidance.pixel_sds import PixelSDS
     from magic3d.guidance.prompts import PromptEmbeddings
     from magic3d.scenes.hash_nerf import HashGridNeRF
@@ -100,7 +100,7 @@ def coarse_iteration(batch_sizes=(1, 8, 32), iters: int = 10, warmup: int = 3,
 
 def _random_sd_guidance(device: torch.device):
     """Latent SDS with a random-weight SD-2.1-base-sized VAE and UNet (bf16), set up."""
-    from magic3d.guidance.builders import build_latent_scheduler, build_latent_unet, build_vae
+    from magic3d.testing.random_pipelines import build_latent_scheduler, build_latent_unet, build_vae
     from magic3d.guidance.latent_sds import LatentSDS
     from magic3d.guidance.prompts import PromptEmbeddings
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from magic3d.data.cameras import orbit_cameras
 from magic3d.guidance.base import sds_weight
-from magic3d.guidance.builders import (
+from magic3d.testing.random_pipelines import (
     build_latent_pipeline,
     build_latent_scheduler,
     build_latent_unet,

@@ -13,7 +13,7 @@ from torch import nn
 
 from magic3d.data.cameras import orbit_cameras, view_index
 from magic3d.guidance.base import sds_weight
-from magic3d.guidance.builders import build_scheduler
+from magic3d.testing.random_pipelines import build_scheduler
 from magic3d.guidance.pixel_sds import PixelSDS
 from magic3d.guidance.prompts import PromptEmbeddings
 from magic3d.types import CameraBatch
@@ -181,7 +181,7 @@ def test_frozen_unet_is_not_in_state_dict(tiny_pixel_pipeline: Path, tmp_path: P
 def test_from_modules_with_text_encoder(tiny_pixel_pipeline: Path) -> None:
     from diffusers import UNet2DConditionModel
 
-    from magic3d.guidance.builders import build_text_encoder, build_tokenizer
+    from magic3d.testing.random_pipelines import build_text_encoder, build_tokenizer
 
     unet = UNet2DConditionModel.from_pretrained(tiny_pixel_pipeline, subfolder="unet")
     guidance = PixelSDS.from_modules(

@@ -143,7 +143,7 @@ def test_cached_embeddings_are_the_suffixed_prompts(tiny_pixel_pipeline: Path, t
 def test_clip_prompts_are_masked_only_when_the_config_asks_as_diffusers_does() -> None:
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from magic3d.guidance.builders import build_tokenizer
+    from magic3d.testing.random_pipelines import build_tokenizer
     from magic3d.guidance.prompts import encode_texts, uses_attention_mask
 
     torch.manual_seed(0)

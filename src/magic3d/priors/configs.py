@@ -32,26 +32,12 @@ from typing import Any, Literal
 import torch
 
 from magic3d.data.cameras import VIEW_NAMES, view_suffix
-from magic3d.guidance.builders import IF_SCHEDULER
+from magic3d.guidance.pipeline_formats import IF_SCHEDULER, SD_SCHEDULER
 from magic3d.toyworld.shapes import COLOUR_NAMES, SHAPE_NAMES, caption
 
 PriorKind = Literal["pixel", "latent"]
 PRIOR_KINDS: tuple[str, ...] = ("pixel", "latent")
 TEXT_MAX_LENGTH = 77  # the guidance pads prompts to 77 tokens (IF and SD convention)
-
-# stabilityai/stable-diffusion-2-1-base scheduler/scheduler_config.json.
-SD_SCHEDULER: dict[str, Any] = dict(
-    num_train_timesteps=1000,
-    beta_schedule="scaled_linear",
-    beta_start=0.00085,
-    beta_end=0.012,
-    clip_sample=False,
-    set_alpha_to_one=False,
-    skip_prk_steps=True,
-    steps_offset=1,
-    prediction_type="epsilon",
-)
-
 
 def _pixel_unet(sample_size: int, channels: tuple[int, ...], heads: int, text_dim: int, groups: int) -> dict[str, Any]:
     """SD's transformer blocks on pixels with IF's outputs (epsilon + variance); no attention

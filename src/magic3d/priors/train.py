@@ -68,7 +68,7 @@ from torch import Tensor, nn
 
 from magic3d.data.cameras import VIEW_NAMES, view_suffix
 from magic3d.devices import resolve_device
-from magic3d.guidance.builders import pipeline_model_index
+from magic3d.guidance.pipeline_formats import pipeline_model_index
 from magic3d.guidance.prompts import encode_texts
 from magic3d.priors.card import (
     CardInfo,

@@ -1,4 +1,5 @@
-"""Diffusion pipelines made in code, with random weights and no download.
+"""Diffusion pipelines made in code, with random weights and no download: for tests and
+benchmarks only (this module is not imported by the training path).
 
 Pixel (IF stage-I layout):
 - ``"tiny"``: a 2-level IF-style UNet (out_channels 6) small enough for CPU tests.
@@ -18,13 +19,13 @@ prompt maps to distinct tokens) built with ``tokenizers`` and saved so that
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from magic3d.guidance.pixel_sds import TEXT_MAX_LENGTH
+from magic3d.guidance.frozen import TEXT_MAX_LENGTH
+from magic3d.guidance.pipeline_formats import IF_SCHEDULER, SD_SCHEDULER, write_model_index
 
 PixelSize = Literal["tiny", "if-i-xl"]
 
@@ -85,20 +86,6 @@ TINY_UNET: dict[str, Any] = dict(
     norm_num_groups=8,
 )
 
-# DeepFloyd/IF-I-XL-v1.0 scheduler/scheduler_config.json.
-IF_SCHEDULER: dict[str, Any] = dict(
-    num_train_timesteps=1000,
-    beta_schedule="squaredcos_cap_v2",
-    beta_start=0.0001,
-    beta_end=0.02,
-    clip_sample=True,
-    clip_sample_range=1.0,
-    thresholding=True,
-    dynamic_thresholding_ratio=0.95,
-    sample_max_value=1.5,
-    prediction_type="epsilon",
-    variance_type="learned_range",
-)
 
 
 def _check_size(size: str) -> None:
@@ -206,34 +193,8 @@ def build_pixel_pipeline(
     build_text_encoder(size, seed).save_pretrained(path / "text_encoder", safe_serialization=True)
     build_tokenizer().save_pretrained(path / "tokenizer")
     build_scheduler().save_pretrained(path / "scheduler")
-    _write_model_index(path)
+    write_model_index(path, "pixel")
     return path
-
-
-def pipeline_model_index(kind: str) -> dict:
-    """model_index.json of a pixel (DeepFloyd IF stage-I) or latent (Stable Diffusion) folder."""
-    import diffusers
-
-    common = {
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-    }
-    if kind == "pixel":
-        return {"_class_name": "IFPipeline", **common, "scheduler": ["diffusers", "DDPMScheduler"],
-                "text_encoder": ["transformers", "T5EncoderModel"], "watermarker": [None, None]}
-    if kind == "latent":
-        return {"_class_name": "StableDiffusionPipeline", **common, "image_encoder": [None, None],
-                "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-                "vae": ["diffusers", "AutoencoderKL"]}
-    raise ValueError(f"kind={kind!r} is unknown: use 'pixel' or 'latent'.")
-
-
-def _write_model_index(path: Path, kind: str = "pixel") -> None:
-    (path / "model_index.json").write_text(json.dumps(pipeline_model_index(kind), indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,8 +343,6 @@ def build_latent_scheduler(prediction_type: str = "epsilon"):
     """SD 2.1-base's noise schedule (scaled linear betas); ``prediction_type`` is overridable."""
     from diffusers import PNDMScheduler
 
-    from magic3d.priors.configs import SD_SCHEDULER  # lazy: priors.configs imports this module
-
     # from_config keeps SD's extra key (clip_sample) that PNDM's __init__ does not take.
     return PNDMScheduler.from_config({**SD_SCHEDULER, "prediction_type": prediction_type})
 
@@ -411,6 +370,6 @@ def build_latent_pipeline(
     build_clip_text_encoder(size, seed).save_pretrained(path / "text_encoder", safe_serialization=True)
     build_tokenizer().save_pretrained(path / "tokenizer")
     build_latent_scheduler(prediction_type).save_pretrained(path / "scheduler")
-    _write_model_index(path, "latent")
+    write_model_index(path, "latent")
     return path
 
