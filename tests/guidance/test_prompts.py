@@ -13,6 +13,8 @@ from safetensors import safe_open
 from magic3d.guidance.frozen import FrozenPipeline
 from magic3d.guidance.pixel_sds import TEXT_MAX_LENGTH, PixelSDS
 from magic3d.guidance.prompts import (
+    PromptTooLong,
+    fit_prompt,
     VIEW_SUFFIXES,
     PromptEmbeddings,
     cache_key,
@@ -163,3 +165,26 @@ def test_clip_prompts_are_masked_only_when_the_config_asks_as_diffusers_does() -
     got = encode_texts(tokenizer, clip, ["a red cube"], TEXT_MAX_LENGTH)
     torch.testing.assert_close(got, unmasked)  # the same computation on the same device
     assert not torch.allclose(masked, unmasked)  # the mask does matter at padding positions
+
+
+def test_a_long_prompt_is_shortened_once_and_keeps_its_view_suffix(tiny_pixel_pipeline: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_pixel_pipeline, subfolder="tokenizer")
+    long_prompt = "a red cube " + "with many small ornate carvings " * 6  # far beyond 77 tokens
+    fitted = fit_prompt(tokenizer, long_prompt, TEXT_MAX_LENGTH)
+    assert fitted.shortened and fitted.n_tokens > TEXT_MAX_LENGTH
+    assert long_prompt.startswith(fitted.text)
+    for suffix in VIEW_SUFFIXES:  # every view prompt fits whole, suffix included
+        ids = tokenizer(fitted.text + suffix, truncation=False).input_ids
+        assert len(ids) <= TEXT_MAX_LENGTH
+    assert not fit_prompt(tokenizer, "a red cube", TEXT_MAX_LENGTH).shortened
+
+    with pytest.warns(PromptTooLong, match=rf"{fitted.n_tokens} tokens") as caught:
+        guidance = PixelSDS(str(tiny_pixel_pipeline), cache_dir=str(tmp_path))
+        guidance.setup(long_prompt, "cpu")
+    assert len(caught) == 1, "one warning, not one per view"
+    # On today's main the truncation cut the suffix off: front and back embeddings were equal.
+    assert not torch.allclose(guidance.embeddings.views[0], guidance.embeddings.views[2])
+    with pytest.warns(PromptTooLong):  # a cached run says it again
+        PixelSDS(str(tiny_pixel_pipeline), cache_dir=str(tmp_path)).setup(long_prompt, "cpu")

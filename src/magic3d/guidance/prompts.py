@@ -17,6 +17,7 @@ import gc
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from jaxtyping import Float, Int
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -143,6 +145,54 @@ def encode_texts(
     return out[0].float()
 
 
+@dataclass(frozen=True)
+class FittedPrompt:
+    """A prompt cut to fit the text encoder with its longest view suffix (or left as it was)."""
+
+    text: str
+    n_tokens: int  # of the original prompt with its longest view suffix, special tokens included
+    max_length: int
+
+    @property
+    def shortened(self) -> bool:
+        return self.n_tokens > self.max_length
+
+    def warning(self, original: str) -> str:
+        return (f"The prompt has {self.n_tokens} tokens with its view suffix, more than the text encoder's "
+                f"{self.max_length}: it is shortened to {self.text!r} so that ', front view' etc. still fit "
+                f"(the end, {original[len(self.text):].strip()!r}, is left out).")
+
+
+def _n_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=True, truncation=False).input_ids)
+
+
+def fit_prompt(tokenizer: Any, prompt: str, max_length: int) -> FittedPrompt:
+    """Shorten ``prompt`` at a token boundary so that prompt + every view suffix fits in
+    ``max_length`` tokens. Tokenizers cut from the end, so without this a long prompt loses
+    its view suffix and every view gets the same embedding."""
+    longest = max(VIEW_SUFFIXES, key=lambda s: _n_tokens(tokenizer, prompt + s))
+    n_tokens = _n_tokens(tokenizer, prompt + longest)
+    if n_tokens <= max_length:
+        return FittedPrompt(prompt, n_tokens, max_length)
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    keep = len(ids) - (n_tokens - max_length)
+    while keep > 0:
+        text = tokenizer.decode(ids[:keep], skip_special_tokens=True).strip()
+        if all(_n_tokens(tokenizer, text + s) <= max_length for s in VIEW_SUFFIXES):
+            return FittedPrompt(text, n_tokens, max_length)
+        keep -= 1  # a cut can merge into a longer token sequence: one fewer and try again
+    raise ValueError(f"The view suffixes alone do not fit in {max_length} tokens of this tokenizer.")
+
+
+def _warn_shortened(message: str) -> None:
+    warnings.warn(message, PromptTooLong, stacklevel=3)
+
+
+class PromptTooLong(UserWarning):
+    """A prompt was shortened to fit the text encoder with its view suffix."""
+
+
 def compute_prompt_embeddings(
     tokenizer: Any,
     text_encoder: torch.nn.Module,
@@ -150,6 +200,12 @@ def compute_prompt_embeddings(
     negative_prompt: str,
     max_length: int,
 ) -> PromptEmbeddings:
+    """Embeddings of the prompt, its view-suffixed variants and the negative prompt; a prompt
+    too long for the encoder is shortened first (:func:`fit_prompt`, one warning)."""
+    fitted = fit_prompt(tokenizer, prompt, max_length)
+    if fitted.shortened:
+        _warn_shortened(fitted.warning(prompt))
+    prompt = fitted.text
     texts = [prompt, *(prompt + s for s in VIEW_SUFFIXES), negative_prompt]
     emb = encode_texts(tokenizer, text_encoder, texts, max_length)
     return PromptEmbeddings(base=emb[0], views=emb[1 : 1 + len(VIEW_SUFFIXES)], uncond=emb[-1])
@@ -186,13 +242,18 @@ def load_or_compute_prompt_embeddings(
         if not path.is_file():  # on rank 0, or on a node that does not share the cache folder
             tokenizer, text_encoder = load_encoder()
             embeddings = compute_prompt_embeddings(tokenizer, text_encoder, prompt, negative_prompt, max_length)
+            fitted = fit_prompt(tokenizer, prompt, max_length)
             del tokenizer, text_encoder
             release_text_encoder(device)
-            save_prompt_embeddings(
-                path,
-                embeddings,
-                metadata={"model": model_id, "prompt": prompt, "negative_prompt": negative_prompt},
-            )
+            metadata = {"model": model_id, "prompt": prompt, "negative_prompt": negative_prompt}
+            if fitted.shortened:
+                metadata["shortened"] = fitted.warning(prompt)
+            save_prompt_embeddings(path, embeddings, metadata=metadata)
+        else:
+            with safe_open(str(path), "pt") as handle:  # a shortened prompt warns on every run
+                note = (handle.metadata() or {}).get("shortened")
+            if note:
+                _warn_shortened(note)
     tensors = load_file(str(path))
     return PromptEmbeddings(tensors["base"], tensors["views"], tensors["uncond"]).to(device)
 
