@@ -181,6 +181,8 @@ def remove_checkpoint(path: Path) -> None:
 
 def _link_or_copy(source: Path, target: Path) -> None:
     """``target`` becomes the same file as ``source`` (hard link; a copy where links fail)."""
+    if target.exists() and os.path.samefile(source, target):
+        return  # rename() of two links to one file does nothing and would leave the temp link
     tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
     tmp.unlink(missing_ok=True)
     try:
@@ -306,6 +308,7 @@ class PeriodicCheckpoints(Callback):
         self.ckpt_dir = Path(ckpt_dir)
         self.every = every
         self.keep = keep
+        self._saved_step: int | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -315,14 +318,24 @@ class PeriodicCheckpoints(Callback):
     def save_periodic(self, trainer) -> Path:
         path = self.ckpt_dir / f"step{trainer.global_step:06d}.ckpt"
         save_stage_checkpoint(trainer, path)
+        self._saved_step = trainer.global_step
+        self.save_last(trainer)
         if trainer.is_global_zero:
-            _link_or_copy(path, self.ckpt_dir / LAST)
-            _link_or_copy(checksum_path(path), checksum_path(self.ckpt_dir / LAST))
             for old in periodic_checkpoints(self.ckpt_dir)[self.keep:]:
                 remove_checkpoint(old)
         return path
 
     def save_last(self, trainer) -> None:
+        """``last.ckpt`` of the current step: a link to this step's periodic file when there
+        is one (same weights, no second copy on disk), else a fresh write."""
+        periodic = self.ckpt_dir / f"step{trainer.global_step:06d}.ckpt"
+        # Decided from this process's memory, not the file system, so every DDP rank takes the
+        # same branch (a fresh write is collective).
+        if self._saved_step == trainer.global_step:
+            if trainer.is_global_zero:
+                _link_or_copy(periodic, self.ckpt_dir / LAST)
+                _link_or_copy(checksum_path(periodic), checksum_path(self.ckpt_dir / LAST))
+            return
         save_stage_checkpoint(trainer, self.ckpt_dir / LAST)
 
 
