@@ -117,19 +117,38 @@ def build_parser():
     return parser
 
 
-_RESTRICTION = re.compile(
-    r'Parser key "(?P<key>[^"]+)":\s*Not of type \w+: (?P<value>.+?) does not conform to restriction (?P<rule>.+)')
+_RESTRICTION = re.compile(r"Not of type \w+: (?P<value>.+?) does not conform to restriction (?P<rule>.+)")
+_PARSER_KEY = re.compile(r'Parser key "(?P<key>[^"]+)"')
+
+
+def _restricted_value(text: str) -> str | None:
+    """``data.batch_size=0 is out of range: it must be > 0`` from jsonargparse's nested report
+    (each nesting level names its own key, indented one step further)."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        found = _RESTRICTION.search(line)
+        if not found:
+            continue
+        keys, indent = [], len(line) - len(line.lstrip())
+        for previous in reversed(lines[: i + 1]):
+            key = _PARSER_KEY.search(previous)
+            depth = len(previous) - len(previous.lstrip())
+            if key and (depth < indent or previous is line):
+                keys.append(key["key"])
+                indent = depth
+        key = ".".join(reversed(keys)).replace(".init_args", "")
+        rule = re.sub(r"(>=|<=|>|<)\s*", r"\1 ", re.sub(r"\bv\s*", "", found["rule"].strip()))
+        return f"{key}={found['value']} is out of range: it must be {rule}"
+    return None
 
 
 def _short_error(err: Exception) -> str:
     """One line that names the problem: an out-of-range value with its valid range, or the
     lines of jsonargparse's report (which lists every union branch) that name the key."""
     text = str(err)
-    found = _RESTRICTION.search(text)
-    if found:
-        key = found["key"].replace(".init_args", "")
-        rule = re.sub(r"\bv\s*", "", found["rule"].strip().splitlines()[0])
-        return f"{key}={found['value']} is out of range: it must be {rule}"
+    restricted = _restricted_value(text)
+    if restricted is not None:
+        return restricted
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     keep = [line for line in lines if "not expected" in line or "does not" in line
             or "Problem with" in line or "Expected" in line or "No module" in line

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from jsonargparse.typing import PositiveInt  # an int; configs then name the key and range before a run starts
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from magic3d.data.cameras import CameraRanges, orbit_cameras, sample_random_cameras
@@ -107,9 +108,9 @@ class RandomCameraDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        batch_size: int = 1,
-        height: int = 64,
-        width: int = 64,
+        batch_size: PositiveInt = 1,
+        height: PositiveInt = 64,
+        width: PositiveInt = 64,
         distance_range: tuple[float, float] = (1.5, 2.0),
         elevation_range_deg: tuple[float, float] = (-10.0, 90.0),
         azimuth_range_deg: tuple[float, float] = (-180.0, 180.0),
@@ -127,12 +128,12 @@ class RandomCameraDataModule(L.LightningDataModule):
         eval_elevation_deg: float = 15.0,
         eval_distance: float = 2.0,
         eval_fovy_deg: float = 50.0,
-        n_val_views: int = 8,
-        n_test_views: int = 120,
+        n_val_views: PositiveInt = 8,
+        n_test_views: PositiveInt = 120,
         eval_height: int | None = None,
         eval_width: int | None = None,
         seed: int = 0,
-        steps_per_epoch: int = 100,
+        steps_per_epoch: PositiveInt = 100,
     ) -> None:
         super().__init__()
         for name, value in (
