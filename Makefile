@@ -4,21 +4,39 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.magic3d-installed
 
-recipe ?= coarse_to_fine
-seed ?= 0
-profile ?= auto
-overrides ?=
-# prompt and run are passed only when given, so the recipe's default prompt applies otherwise.
-PROMPT_ARG := $(if $(filter command line environment,$(origin prompt)),--prompt "$(prompt)")
-RUN_ARG := $(if $(run),--run "$(run)")
+# User values reach the program byte for byte. Make would otherwise expand `$` in them
+# (`a $HOME cube` -> `a OME cube`) and the shell would then interpret quotes, backticks and
+# `$(...)` (a prompt could run a command). So:
+#  - $(value v) reads the text as typed, without make's expansion (a function's result is not
+#    expanded again, so what `q` returns stays verbatim);
+#  - q wraps text in single quotes for bash: inside them nothing is special except `'` itself,
+#    written '\'' ; a newline becomes '$'\n'' (bash's ANSI-C quoting) because make would split a
+#    recipe line at a raw newline;
+#  - unexport: make would otherwise expand command-line variables (running any `$(shell ...)`
+#    in them) to put them into every recipe's environment; the program does not read them there.
+# An option is passed only when the user gave it, so the CLI's defaults (and, with run=FOLDER,
+# the run's stored prompt, seed and recipe) apply otherwise.
+define NL
+
+
+endef
+q = '$(subst $(NL),'$$'\n'',$(subst ','\'',$1))'
+# $(call opt,--flag,var): `--flag 'value'` when var is set and not empty, else nothing.
+opt = $(if $(value $2),$1 $(call q,$(value $2)))
+unexport recipe prompt run seed profile gpus overrides subject base
+
+# recipe: as given; else coarse_to_fine for a new run; a continued run (run=FOLDER) keeps its own.
+RECIPE_ARG = $(if $(value recipe),$(call q,$(value recipe)),$(if $(value run),,coarse_to_fine))
 # gpus=N: N processes (one per GPU) with DDP; data.batch_size stays the global batch.
-GPUS_ARG := $(if $(gpus),trainer.devices=$(gpus) $(if $(filter-out 1,$(gpus)),trainer.strategy=ddp))
+GPUS_ARG = $(if $(value gpus),$(call q,trainer.devices=$(value gpus)) $(if $(filter-out 1,$(value gpus)),trainer.strategy=ddp))
+# overrides="key=value ...": split at whitespace (as before), each word passed verbatim.
+OVERRIDES_ARG = $(foreach word,$(value overrides),$(call q,$(word)))
 
 .DEFAULT_GOAL := run
 .PHONY: run help setup test test-gpu bench notebook clean-cache priors eval
 
 run: $(SETUP_STAMP) ## Run a recipe: make recipe=NAME prompt="..." [seed=N] [run=FOLDER] [profile=cpu|full] [gpus=N] [overrides="key=value ..."]
-	$(PY) -m magic3d run $(recipe) $(PROMPT_ARG) --seed $(seed) --profile $(profile) $(RUN_ARG) $(GPUS_ARG) $(overrides)
+	$(PY) -m magic3d run $(RECIPE_ARG) $(call opt,--prompt,prompt) $(call opt,--seed,seed) $(call opt,--profile,profile) $(call opt,--run,run) $(GPUS_ARG) $(OVERRIDES_ARG)
 
 $(SETUP_STAMP): pyproject.toml scripts/setup.sh
 	@bash scripts/setup.sh
@@ -54,5 +72,5 @@ priors: $(SETUP_STAMP) ## Retrain the embedded priors and evaluator on a GPU (re
 	$(PY) -m magic3d.eval prior priors/latent --update-card
 
 eval: $(SETUP_STAMP) ## Evaluate a run against the toy world: make eval run=runs/<recipe>/<name>
-	@test -n "$(run)" || { echo "usage: make eval run=runs/<recipe>/<name>"; exit 2; }
-	$(PY) -m magic3d.eval run $(run)
+	@test -n $(call q,$(value run)) || { echo "usage: make eval run=runs/<recipe>/<name>"; exit 2; }
+	$(PY) -m magic3d.eval run $(call q,$(value run))
