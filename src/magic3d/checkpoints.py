@@ -273,7 +273,7 @@ def save_stage_checkpoint(trainer, path: Path) -> None:
             f"The stage's {bad} became non-finite at step {trainer.global_step}: no checkpoint of it "
             "is written and the earlier ones are kept. Lower the learning rate or guidance scale, then "
             "rerun to continue from the last good checkpoint.")
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=False)  # the full trainer state, optimiser included
 
 
 class StageCheckpointIO(CheckpointIO):

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from magic3d.quiet import quiet_libraries
+
+    quiet_libraries()  # before Lightning, diffusers and wandb are imported: their banners are not ours
     parser = _parser()
     # Overrides may come after options (argparse cannot interleave them with nargs="*").
     args, extra = parser.parse_known_args(argv)
@@ -60,11 +63,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:24s} {recipe.description}")
             return 0
         if args.command == "run":
-            from magic3d.recipe import StageFailed, run_recipe
+            from magic3d.recipe import StageFailed, StageInterrupted, run_recipe
 
             try:
                 run_recipe(args.recipe, prompt=args.prompt, seed=args.seed, overrides=args.overrides or None,
                            run_dir=args.run, runs_root=args.runs_root, profile=args.profile)
+            except StageInterrupted as err:
+                print(f"[magic3d] {err}", file=sys.stderr)
+                return err.code
             except StageFailed as err:
                 print(f"[magic3d] error: {err}", file=sys.stderr)
                 return err.code or 1

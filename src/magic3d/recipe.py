@@ -10,9 +10,8 @@ checkpoint; finished stages (``DONE.json``) are skipped.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from magic3d.config import (
     recipes_dir,
 )
 from magic3d.checkpoints import START_MODES
+from magic3d.child_process import run_child
 from magic3d.stage import SEED_RANGE, with_default_classes
 
 DEFAULT_RECIPE = "coarse_to_fine"
@@ -355,12 +355,15 @@ def run_recipe(
         print(f"[magic3d] stage {spec.name}: starting ({stage_dir})", flush=True)
         cmd = [sys.executable, "-m", "magic3d", "stage", "--config", str(config_path),
                "--stage-dir", str(stage_dir)]
-        code = _run_child(cmd)
-        if code != 0:
+        result = run_child(cmd)
+        if result.signal_name is not None or result.returncode in (130, 143):
+            name = result.signal_name or ("SIGINT" if result.returncode == 130 else "SIGTERM")
+            raise StageInterrupted(spec.name, stage_dir, name)
+        if result.returncode != 0:
             kept = stage_has_started(stage_dir)
             if not kept:
                 discard_unstarted_stage(stage_dir, run_dir if created_run_dir else None)
-            raise StageFailed(spec.name, stage_dir, code, kept)
+            raise StageFailed(spec.name, stage_dir, result.returncode, kept)
     return run_dir
 
 
@@ -378,20 +381,13 @@ def discard_unstarted_stage(stage_dir: Path, created_run_dir: Path | None) -> No
             shutil.rmtree(created_run_dir)
 
 
-def _run_child(cmd: list[str]) -> int:
-    """Run a stage process. Ctrl-C reaches it too (same process group): wait until it has
-    saved its checkpoint and exited, so nothing is left half-written behind our back."""
-    child = subprocess.Popen(cmd, env=os.environ.copy())
-    try:
-        return child.wait()
-    except KeyboardInterrupt:
-        while True:  # a second Ctrl-C reaches the child too (it quits at once): keep waiting for it
-            try:
-                child.wait()
-                break
-            except KeyboardInterrupt:
-                continue
-        raise
+class StageInterrupted(RuntimeError):
+    """A stage stopped by SIGINT/SIGTERM at a step boundary, with last.ckpt saved."""
+
+    def __init__(self, stage: str, stage_dir: Path, signal_name: str) -> None:
+        super().__init__(f"{signal_name}: stage '{stage}' stopped at a step boundary; its last.ckpt is kept in "
+                         f"{stage_dir / 'checkpoints'}. Continue with `make run={stage_dir.parent}`.")
+        self.code = 128 + signal.Signals[signal_name].value
 
 
 class StageFailed(RuntimeError):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -111,7 +112,9 @@ def build_parser():
     parser.add_argument("--seed", type=seed_type, default=0)
     parser.add_subclass_arguments(L.LightningModule, "model", fail_untyped=True, required=True)
     parser.add_subclass_arguments(L.LightningDataModule, "data", required=True)
-    parser.add_class_arguments(L.Trainer, "trainer", skip=set(TRAINER_KEYS_WE_OWN))
+    # instantiate=False: the stage builds its Trainer itself; a parsed one would be a second,
+    # throwaway Trainer that prints Lightning's and tensorboardX's banners.
+    parser.add_class_arguments(L.Trainer, "trainer", skip=set(TRAINER_KEYS_WE_OWN), instantiate=False)
     parser.add_dataclass_arguments(RunOptions, "run")
     parser.add_dataclass_arguments(StageStart, "start")
     return parser
@@ -187,9 +190,9 @@ def _loggers(stage_dir: Path, run: RunOptions, name: str) -> list:
     mode = _wandb_mode(run.wandb)
     if mode is not None:
         try:
-            from lightning.pytorch.loggers import WandbLogger
+            from magic3d.quiet import wandb_logger
 
-            loggers.append(WandbLogger(save_dir=str(stage_dir), project="magic3d", name=name,
+            loggers.append(wandb_logger(save_dir=str(stage_dir), project="magic3d", name=name,
                                        offline=(mode == "offline"), log_model=False))
         except (ImportError, ModuleNotFoundError):
             warnings.warn("wandb is not installed: logging to CSV only", stacklevel=1)
@@ -220,6 +223,7 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
 
     from magic3d.distributed import per_rank_batch_size, resolve_strategy
     from magic3d.interrupt import StopOnInterrupt
+    from magic3d.quiet import finish_wandb, wandb_run_line
 
     config = with_default_classes(load_yaml(config_path))
     parser, cfg = validate_stage_config(config, where=str(config_path))
@@ -251,11 +255,12 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
     trainer_kwargs["strategy"] = resolve_strategy(trainer_kwargs.get("strategy", "auto"),
                                                   trainer_kwargs.get("devices", "auto"),
                                                   trainer_kwargs.get("accelerator", "auto"))
+    stop = StopOnInterrupt(periodic.save_last)
     trainer = L.Trainer(
         **trainer_kwargs,
         default_root_dir=str(stage_dir),
         logger=_loggers(stage_dir, run, name=f"{stage_dir.parent.name}/{stage_dir.name}"),
-        callbacks=[periodic, StopOnInterrupt(ckpt_dir / "last.ckpt"), TQDMProgressBar(refresh_rate=10)],
+        callbacks=[periodic, stop, TQDMProgressBar(refresh_rate=10)],
         plugins=[checkpoint_io],
         enable_checkpointing=False,  # PeriodicCheckpoints writes them (no -v1 copies, checksums)
         use_distributed_sampler=False,
@@ -268,11 +273,20 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
         if trainer.is_global_zero:
             print(f"[magic3d] resuming from {found.path} (step {found.step})", flush=True)
     start_step = found.step if found is not None else 0
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                print(wandb_run_line(logger.experiment), flush=True)
     started = time.time()
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(found.path) if found else None, weights_only=True)
     fit_seconds = time.time() - started
+    if stop.received is not None:  # StopOnInterrupt already saved last.ckpt at a step boundary
+        finish_wandb(exit_code=128 + stop.received)
+        print(f"[magic3d] stage stopped at step {trainer.global_step} ({stop.received.name}); "
+              "last.ckpt is saved, rerun to continue", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.received)
     if trainer.interrupted or trainer.global_step < (trainer.max_steps or 0):
-        # An interrupt (StopOnInterrupt) already saved last.ckpt at a step boundary.
+        finish_wandb(exit_code=1)
         raise SystemExit(f"[magic3d] stage stopped at step {trainer.global_step}; rerun to continue")
     periodic.save_last(trainer)
 
@@ -288,4 +302,5 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
         }
         summary.update(model.finish_stage(datamodule, run.video_fps, run.video_views))
         (stage_dir / "DONE.json").write_text(json.dumps(summary, indent=2))
+        finish_wandb()
         print(f"[magic3d] stage finished: {stage_dir}", flush=True)
