@@ -21,6 +21,7 @@ from magic3d.checkpoints import (
     read_checkpoint,
     write_checkpoint,
 )
+from magic3d.config import ConfigError
 
 
 def checkpoint_of(step: int, value: float = 1.0, size: int = 4096) -> dict:
@@ -170,3 +171,18 @@ def test_non_finite_weights_are_never_written(tmp_path: Path) -> None:
         fit(ckpt_dir, steps=10, every=3, keep=5, poison_at=5)
     assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == ["last.ckpt", "step000003.ckpt"]
     assert read_checkpoint(ckpt_dir / "last.ckpt")["global_step"] == 3
+
+
+class NotAllowedByWeightsOnly:
+    """Any class the weights_only unpickler refuses."""
+
+
+def test_an_intact_but_unloadable_checkpoint_is_not_moved_away(tmp_path: Path) -> None:
+    # Its checksum matches, so the bytes are as written: a reader problem, not damage.
+    checkpoint = checkpoint_of(2)
+    checkpoint["hparams"] = NotAllowedByWeightsOnly()
+    write_checkpoint(checkpoint, tmp_path / "last.ckpt")
+    with pytest.raises(ConfigError, match="intact but cannot be loaded") as caught:
+        latest_valid_checkpoint(tmp_path)
+    assert not isinstance(caught.value, CorruptCheckpoint)
+    assert (tmp_path / "last.ckpt").is_file()

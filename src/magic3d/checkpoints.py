@@ -147,11 +147,15 @@ def read_checkpoint(path: Path) -> dict:
         raise ConfigError(f"Checkpoint not found: {path}")
     data = path.read_bytes()  # one read serves the checksum and the load
     sidecar = checksum_path(path)
-    if sidecar.is_file() and hashlib.sha256(data).hexdigest() != sidecar.read_text().strip():
+    verified = sidecar.is_file()
+    if verified and hashlib.sha256(data).hexdigest() != sidecar.read_text().strip():
         raise CorruptCheckpoint(f"Checkpoint {path} is corrupt: its contents do not match {sidecar.name}")
     try:
         checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means unusable
+        if verified:  # intact bytes: a reader problem, not damage; the file must not be moved away
+            raise ConfigError(f"Checkpoint {path} is intact but cannot be loaded with weights_only=True "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
         raise CorruptCheckpoint(
             f"Checkpoint {path} is corrupt or was not written by magic3d ({type(err).__name__})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "magic3d" not in checkpoint:
@@ -227,7 +231,7 @@ def latest_valid_checkpoint(ckpt_dir: Path, is_rank_zero: bool = True,
     for path in candidates:
         try:
             return FoundCheckpoint(path, read_checkpoint(path))
-        except (CorruptCheckpoint, ConfigError) as err:
+        except CorruptCheckpoint as err:
             problems.append(str(err))
             if is_rank_zero and path.is_file():
                 kept = quarantine(path)

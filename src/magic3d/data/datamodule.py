@@ -146,6 +146,10 @@ class RandomCameraDataModule(L.LightningDataModule):
         ):
             if value < 1:
                 raise ValueError(f"{name}={value} must be >= 1")
+        # Plain ints in the saved hyper-parameters: checkpoints are loaded with weights_only=True,
+        # which refuses jsonargparse's PositiveInt class.
+        batch_size, height, width = int(batch_size), int(height), int(width)
+        n_val_views, n_test_views, steps_per_epoch = int(n_val_views), int(n_test_views), int(steps_per_epoch)
         self.save_hyperparameters()
         self.ranges = CameraRanges(
             distance=distance_range,
