@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Profile prior training on the GPU (device tool): steady-state it/s and images/s of the
-# production step, torch.profiler breakdowns (regions and op groups) under $OUT. Usage:
-#   bash scripts/gpu_prior_profile.sh baseline   # main's trainer, before the fast path
-#   bash scripts/gpu_prior_profile.sh            # python -m magic3d.priors bench (fast path)
+# production step and torch.profiler breakdowns under $OUT. Usage:
+#   bash scripts/gpu_prior_profile.sh baseline            # main's trainer at 6cb29e3, full profile
+#   bash scripts/gpu_prior_profile.sh compare VARIANT...  # before (6cb29e3, quick) and after, same call
+#   bash scripts/gpu_prior_profile.sh bench VARIANT...    # python -m magic3d.priors bench only
+# The 6cb29e3 trainer is read from .whl/legacy/train_main.py (carry .whl):
+#   git show 6cb29e3:src/magic3d/priors/train.py > .whl/legacy/train_main.py
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
-echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-if [ "${1:-}" = baseline ]; then
-    python3 scripts/prior_profile_baseline.py "$OUT" 2>&1 | tee "$OUT/profile_baseline.log" | grep -vE "^\s" | tail -60
-else
-    shift || true
-    python3 -m magic3d.priors bench --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+MODE=${1:-bench}; shift || true
+if [ "$MODE" = baseline ] || [ "$MODE" = compare ]; then
+    QUICK=$([ "$MODE" = compare ] && echo --quick)
+    python3 scripts/prior_profile_baseline.py "$OUT/before" .whl/legacy/train_main.py $QUICK 2>&1 \
+        | tee "$OUT/before.log" | grep -E "^(kind|pixel|latent|micro|groupnorm)"
+fi
+if [ "$MODE" != baseline ]; then
+    python3 -m magic3d.priors bench --out "$OUT/after" --profile-steps 10 "$@" 2>&1 | tee "$OUT/after.log" \
+        | grep -E "^\[bench\] [A-Z]|^variant|^(pixel|latent)_"
 fi

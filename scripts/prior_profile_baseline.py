@@ -1,16 +1,20 @@
-"""Profile the prior trainer as it is on main (before the fast path): where one step goes.
+"""Profile the prior trainer as it was on main at 6cb29e3 (before the fast path): where one step goes.
+
+The old ``magic3d/priors/train.py`` is loaded from a file so the "before" numbers come from
+the same machine and call as the "after" ones (``python -m magic3d.priors bench``):
+    git show 6cb29e3:src/magic3d/priors/train.py > .whl/legacy/train_main.py
 
 Runs the production step (``PriorTrainer._fit_unet`` / ``_fit_vae`` -> ``run_phase``) on
 random uint8 images (speed does not depend on image content; rendering is timed elsewhere),
 times steady-state it/s, and prints a torch.profiler breakdown by region and by op group.
-Usage (device): python scripts/prior_profile_baseline.py OUTDIR
+Usage (device): python scripts/prior_profile_baseline.py OUTDIR [LEGACY_TRAIN_PY] [--quick]
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -18,8 +22,14 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from magic3d.priors import train as T
 from magic3d.priors.configs import default_config
+
+_LEGACY = next((a for a in sys.argv[2:] if a.endswith(".py")), ".whl/legacy/train_main.py")
+_spec = importlib.util.spec_from_file_location("legacy_prior_train", _LEGACY)
+T = importlib.util.module_from_spec(_spec)
+sys.modules["legacy_prior_train"] = T  # dataclasses look their module up
+_spec.loader.exec_module(T)
+QUICK = "--quick" in sys.argv
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "out")
 OUT.mkdir(parents=True, exist_ok=True)
@@ -196,6 +206,12 @@ def groupnorm_micro() -> None:
 
 def main() -> None:
     print(torch.__version__, torch.cuda.get_device_name() if DEV.type == "cuda" else "CPU dry run", flush=True)
+    if QUICK:  # only the "before" rows of BENCHMARKS.md
+        bench("pixel", "unet", 256, False, 40, 5)
+        bench("latent", "unet", 128, False, 40, 5)
+        bench("latent", "vae", 32, False, 30, 5)
+        _table()
+        return
     groupnorm_micro()
     # Baseline: the shipped config exactly (eager, bf16 autocast, channels_last, fused AdamW).
     bench("pixel", "unet", 256, False, 40, 5)
@@ -214,6 +230,10 @@ def main() -> None:
     # torch.compile as main already offers it (--compile): compile time counted in warm_s.
     bench("pixel", "unet", 256, True, 40, 5)
     bench("pixel", "unet", 1024, True, 15, 3)
+    _table()
+
+
+def _table() -> None:
     (OUT / "rows.json").write_text(json.dumps(ROWS, indent=2))
     print("\nkind   phase batch compile   it/s    img/s  warm_s  mem_GiB")
     for r in ROWS:
