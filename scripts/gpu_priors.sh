@@ -9,4 +9,10 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -m magic3d.priors train --kind "$KIND" --out "priors/$KIND" --minutes "$MINUTES" --resume \
     2>&1 | tee "$OUT/train_$KIND.log" | grep -vE "it/s\]$" | tail -40
 tar -cf "$OUT/prior_$KIND.tar" -C priors "$KIND"
+# The trainer state (fp32 weights, EMA and AdamW moments: ~110 MB pixel, ~75 MB latent) comes
+# back in 15 MB parts (the tool returns files of 16 MB at most); reassemble here with
+#   mkdir -p priors/.prior_ckpt/$KIND && cat .../state_$KIND.part-* > priors/.prior_ckpt/$KIND/train_state.pt
+# Sending it out again is bounded by the tool's 64 MiB carry limit, which the pixel state exceeds.
+STATE=priors/.prior_ckpt/$KIND/train_state.pt
+[ -f "$STATE" ] && split -b 15M -d "$STATE" "$OUT/state_$KIND.part-"
 ls -la "$OUT"
