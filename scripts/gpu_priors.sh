@@ -9,4 +9,11 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -m magic3d.priors train --kind "$KIND" --out "priors/$KIND" --minutes "$MINUTES" --resume \
     2>&1 | tee "$OUT/train_$KIND.log" | grep -vE "it/s\]$" | tail -40
 tar -cf "$OUT/prior_$KIND.tar" -C priors "$KIND"
+# The trainer state (fp32 weights, EMA and AdamW moments: ~110 MB pixel, ~75 MB latent) comes
+# back in 15 MB parts (the tool returns files of 16 MB at most); reassemble here with
+#   mkdir -p priors/.prior_ckpt/$KIND && cat .../state_$KIND.part-* > priors/.prior_ckpt/$KIND/train_state.pt
+# Untested on the device. The pixel state needs 8 parts, which with the tar and the log exceeds the
+# 8 files a call returns; and sending a state out again is bounded by the 64 MiB carry limit.
+STATE=priors/.prior_ckpt/$KIND/train_state.pt
+[ -f "$STATE" ] && split -b 15M -d "$STATE" "$OUT/state_$KIND.part-"
 ls -la "$OUT"

@@ -55,3 +55,15 @@ def test_evaluate_prior_decodes_latent_priors_through_their_vae(
     assert bool(torch.isfinite(result.samples).all())
 
 
+
+
+def test_held_out_pairs_are_reported_apart(tiny_pixel_pipeline: Path, smoke_classifier: Path, tmp_path: Path) -> None:
+    # pink duck is held out of every prior's training data; red duck and pink cube are not.
+    result = evaluate_prior(tiny_pixel_pipeline, n_per_caption=1, steps=2, classifier=smoke_classifier,
+                            shapes=("cube", "duck"), colours=("red", "pink"), batch_size=4, device="cpu")
+    assert result.n_images == 3, "the top-level figures cover the trained captions only"
+    assert result.held_out is not None and result.held_out.n_images == 1
+    assert result.held_out_captions == ["a pink duck"]
+    assert set(result.per_shape_accuracy) == {"cube", "duck"}
+    _, md_path, _ = write_prior_report(result, tmp_path / "report")
+    assert "| held out (a pink duck) | 1 |" in md_path.read_text()

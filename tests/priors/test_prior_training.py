@@ -20,6 +20,7 @@ from torch import nn  # noqa: E402
 from magic3d.data.cameras import orbit_cameras  # noqa: E402
 from magic3d.guidance.prompts import encode_texts  # noqa: E402
 from magic3d.priors import default_config, default_state_path, train_prior  # noqa: E402
+from magic3d.priors.captions import NO_SUFFIX, CaptionTable  # noqa: E402
 from magic3d.priors.configs import (  # noqa: E402
     TEXT_MAX_LENGTH,
     build_text_encoder,
@@ -27,14 +28,9 @@ from magic3d.priors.configs import (  # noqa: E402
     tokenizer_from_json,
     train_tokenizer_json,
 )
-from magic3d.priors.train import (  # noqa: E402
-    NO_SUFFIX,
-    CaptionTable,
-    NoiseSchedule,
-    check_size,
-    learned_variance_kl,
-    load_state,
-)
+from magic3d.priors.export import check_size  # noqa: E402
+from magic3d.priors.losses import NoiseSchedule, learned_variance_kl  # noqa: E402
+from magic3d.priors.train import load_state  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

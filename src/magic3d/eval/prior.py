@@ -2,14 +2,14 @@
 guidance) and classify the samples against the captions they were asked for.
 
 The only module of the evaluator that uses the prior-training package (its sampler,
-``magic3d.priors.train.ddim_sample``).
+``magic3d.priors.sampling.ddim_sample``).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,21 @@ from magic3d.toyworld.shapes import COLOUR_NAMES, SHAPE_NAMES, caption, get_shap
 
 
 @dataclass
+class SampleAccuracy:
+    """How often a set of samples shows what its captions asked for."""
+
+    n_images: int
+    shape_accuracy: float | None
+    colour_accuracy: float | None
+    caption_accuracy: float | None  # both right
+    view_accuracy_asymmetric: float | None  # asymmetric shapes only
+
+
+@dataclass
 class PriorEval:
+    """Accuracies over the trained captions; the held-out pairs (never in any prior's training
+    data, ``magic3d.priors.heldout``) are reported apart in ``held_out``."""
+
     pipeline: str
     n_images: int
     shape_accuracy: float
@@ -43,6 +57,8 @@ class PriorEval:
     per_colour_accuracy: dict[str, float]
     settings: dict[str, Any]
     seconds: float
+    held_out: SampleAccuracy | None = None  # None when no held-out pair was sampled
+    held_out_captions: list[str] = field(default_factory=list)
     samples: Float[Tensor, "N H W 3"] | None = None  # in [0, 1], for the sample sheet
 
     def to_json(self) -> dict[str, Any]:
@@ -127,7 +143,8 @@ def evaluate_prior(
     """
     # The priors' own sampler and text path; imported on use (as before the split) so that
     # importing the evaluator does not import the prior-training package.
-    from magic3d.priors.train import ddim_sample
+    from magic3d.priors.heldout import HELD_OUT_PAIRS, held_out_mask
+    from magic3d.priors.sampling import ddim_sample
 
     if n_per_caption < 1:
         raise ValueError(f"n_per_caption={n_per_caption} must be >= 1")
@@ -156,15 +173,29 @@ def evaluate_prior(
     colour_ok = prediction.colour_logits.argmax(-1) == colour_idx
     view_ok = prediction.view_logits.argmax(-1) == label[:, 2]
     asymmetric = torch.tensor([get_shape(SHAPE_NAMES[s]).asymmetric for s in label[:, 0].tolist()])
+    held = held_out_mask(label[:, 0], label[:, 1])
+
+    def accuracy(ok: Tensor, where: Tensor) -> float | None:
+        return float(ok[where].float().mean()) if bool(where.any()) else None
+
+    def accuracies(where: Tensor) -> SampleAccuracy:
+        return SampleAccuracy(int(where.sum()), accuracy(shape_ok, where), accuracy(colour_ok, where),
+                              accuracy(shape_ok & colour_ok, where), accuracy(view_ok, where & asymmetric))
+
+    trained = accuracies(~held)
+    per_shape = {s: accuracy(shape_ok, ~held & (label[:, 0] == SHAPE_NAMES.index(s))) for s in shapes}
+    per_colour = {c: accuracy(colour_ok, ~held & (label[:, 1] == COLOUR_NAMES.index(c))) for c in colours}
     return PriorEval(
         pipeline=str(folder),
-        n_images=len(captions),
-        shape_accuracy=float(shape_ok.float().mean()),
-        colour_accuracy=float(colour_ok.float().mean()),
-        caption_accuracy=float((shape_ok & colour_ok).float().mean()),
-        view_accuracy_asymmetric=float(view_ok[asymmetric].float().mean()) if bool(asymmetric.any()) else None,
-        per_shape_accuracy={s: float(shape_ok[label[:, 0] == SHAPE_NAMES.index(s)].float().mean()) for s in shapes},
-        per_colour_accuracy={c: float(colour_ok[label[:, 1] == COLOUR_NAMES.index(c)].float().mean()) for c in colours},
+        n_images=trained.n_images,
+        shape_accuracy=trained.shape_accuracy,
+        colour_accuracy=trained.colour_accuracy,
+        caption_accuracy=trained.caption_accuracy,
+        view_accuracy_asymmetric=trained.view_accuracy_asymmetric,
+        per_shape_accuracy={k: v for k, v in per_shape.items() if v is not None},
+        per_colour_accuracy={k: v for k, v in per_colour.items() if v is not None},
+        held_out=accuracies(held) if bool(held.any()) else None,
+        held_out_captions=[caption(s, c) for s, c in HELD_OUT_PAIRS if s in shapes and c in colours],
         settings={"n_per_caption": n_per_caption, "steps": steps, "guidance_scale": guidance_scale,
                   "shapes": list(shapes), "colours": list(colours), "seed": seed, "sampler": "DDIM",
                   "classifier": classifier_info(classifier)},

@@ -15,6 +15,21 @@ from magic3d.eval.markdown import format_value
 from magic3d.eval.prior import PriorEval
 
 
+def accuracy_table(data: dict[str, Any]) -> list[str]:
+    """Trained captions and, apart, the held-out pairs (never in the prior's training data)."""
+    rows = ["| captions | samples | shape acc | colour acc | caption acc | view acc (asymmetric) |",
+            "|---|---|---|---|---|---|"]
+
+    def row(name: str, d: dict[str, Any]) -> str:
+        return (f"| {name} | {d['n_images']} | {format_value(d['shape_accuracy'])} | {format_value(d['colour_accuracy'])} "
+                f"| {format_value(d['caption_accuracy'])} | {format_value(d['view_accuracy_asymmetric'])} |")
+
+    rows.append(row("trained", data))
+    if data.get("held_out"):
+        rows.append(row("held out (" + ", ".join(data.get("held_out_captions", [])) + ")", data["held_out"]))
+    return rows
+
+
 def prior_quality_markdown(result: PriorEval | dict[str, Any], report: Path | str | None = None) -> str:
     """The model card's Quality section from a prior evaluation (object or its JSON)."""
     data = result.to_json() if isinstance(result, PriorEval) else result
@@ -28,10 +43,7 @@ def prior_quality_markdown(result: PriorEval | dict[str, Any], report: Path | st
         f"suffixes cycling {', '.join(VIEW_NAMES)}){ceiling}. Targets (issue 3): shape and colour "
         "accuracy >= 0.90, view >= 0.80 on asymmetric objects.",
         "",
-        "| shape acc | colour acc | caption acc | view acc (asymmetric) |",
-        "|---|---|---|---|",
-        f"| {format_value(data['shape_accuracy'])} | {format_value(data['colour_accuracy'])} | {format_value(data['caption_accuracy'])} "
-        f"| {format_value(data['view_accuracy_asymmetric'])} |",
+        *accuracy_table(data),
         "",
         "Per colour: " + ", ".join(f"{k} {v:.2f}" for k, v in data["per_colour_accuracy"].items()) + ".",
         "Hardest shapes: " + ", ".join(f"{k} {v:.2f}" for k, v in worst) + ".",
@@ -55,9 +67,7 @@ def write_prior_report(result: PriorEval, out: str | Path, max_images: int = 64)
         f"# Prior evaluation of `{result.pipeline}`\n\n"
         f"{result.n_images} DDIM samples ({s['steps']} steps, guidance {s['guidance_scale']:g}, "
         f"{s['n_per_caption']} per caption, view suffixes cycling {', '.join(VIEW_NAMES)}).\n\n"
-        "| shape acc | colour acc | caption acc | view acc (asymmetric) |\n|---|---|---|---|\n"
-        f"| {format_value(result.shape_accuracy)} | {format_value(result.colour_accuracy)} | {format_value(result.caption_accuracy)} "
-        f"| {format_value(result.view_accuracy_asymmetric)} |\n"
+        + "\n".join(accuracy_table(result.to_json())) + "\n"
     )
     sheet_path = out / "prior_samples.png"
     if result.samples is not None and result.samples.shape[0] > 0:

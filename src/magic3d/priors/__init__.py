@@ -5,10 +5,17 @@ The exported folders are ordinary diffusers pipelines (IF stage-I layout for ``p
 Stable Diffusion layout for ``latent``) that the guidance modules load like real models.
 """
 
-from magic3d.priors.configs import PRIOR_KINDS, PriorConfig, TextEncoderConfig, default_config
+from magic3d.priors.configs import (
+    PRIOR_KINDS,
+    PriorConfig,
+    TextEncoderConfig,
+    default_config,
+)
+from magic3d.priors.heldout import HELD_OUT_PAIRS
 from magic3d.priors.train import TrainResult, default_state_path, train_prior
 
 __all__ = [
+    "HELD_OUT_PAIRS",
     "PRIOR_KINDS",
     "PriorConfig",
     "TextEncoderConfig",

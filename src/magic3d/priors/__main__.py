@@ -34,12 +34,32 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=None, help="UNet learning rate (new runs only)")
     train.add_argument("--image-size", type=int, default=None,
                        help="training resolution, e.g. 512 for the latent prior (new runs only; default 64 / 256)")
-    train.add_argument("--compile", action="store_true", help="torch.compile the UNet on CUDA (new runs only)")
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile each phase's objective on CUDA (default on; new runs only)")
+    bench = commands.add_parser("bench", help="time (and profile) the training step on random images")
+    bench.add_argument("--variants", nargs="+", default=["pixel:unet:256:compile"],
+                       help="kind:phase:batch:compile|eager[:mode], e.g. pixel:unet:256:compile latent:vae:32:eager")
+    bench.add_argument("--steps", type=int, default=40, help="timed steps per variant (a third above batch 512)")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    bench.add_argument("--profile-steps", type=int, default=0, help="torch.profiler breakdown over this many steps")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--smoke", action="store_true", help="tiny configs (CPU check of the bench itself)")
+    bench.add_argument("--out", default=None, help="folder for bench.json and profile tables")
     return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from magic3d.priors.bench import Variant, run_bench
+
+    rows = run_bench([Variant.parse(v) for v in args.variants], args.steps, args.warmup, args.device, args.smoke,
+                     args.profile_steps, args.out)
+    return 1 if any("error" in r for r in rows) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "bench":
+        return _bench(args)
     from magic3d.priors.configs import default_config, with_image_size
     from magic3d.priors.train import train_prior
 
@@ -52,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         config.batch_size = args.batch_size
     if args.lr is not None:
         config.lr = args.lr
-    if args.compile:
-        config.compile = True
+    if args.compile is not None:
+        config.compile = args.compile
     argv_text = sys.argv[1:] if argv is None else argv
     result = train_prior(
         kind=args.kind,

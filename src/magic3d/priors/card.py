@@ -13,6 +13,8 @@ import numpy as np
 from jaxtyping import UInt8
 from torch import Tensor
 
+from magic3d.priors.heldout import held_out_captions
+
 EVALUATOR_MARKER = "<!-- magic3d:evaluator -->"
 _LAYOUTS = {
     "pixel": ("DeepFloyd IF stage I", "magic3d.guidance.pixel_sds.PixelSDS"),
@@ -161,6 +163,8 @@ def render_card(info: CardInfo, weights_mb: float) -> str:
         f"- Captions `a {{colour}} {{shape}}`, with the guidance's view suffix (`, front view`, ...) in"
         f" {c['view_suffix_prob']:.0%} of draws, replaced by `\"\"` in {c['cond_drop_prob']:.0%}"
         " (classifier-free guidance; the guidance's negative prompt is `\"\"`).",
+        "- Held out of the images, the captions and the tokenizer's corpus (never seen together in"
+        f" training; the evaluator knows them): {', '.join(f'`{t}`' for t in held_out_captions())}.",
         "",
         "## Training",
         "",
@@ -180,7 +184,8 @@ def render_card(info: CardInfo, weights_mb: float) -> str:
     lines += [
         f"- AdamW lr {c['lr']:g} (text encoder x{c['text_lr_scale']:g}), batch {c['batch_size']}, warm-up"
         f" {c['warmup_steps']} steps, cosine to {c['min_lr_fraction']:g} x over the time budget, EMA"
-        f" {c['ema_decay']:g} (exported weights), bf16 autocast on CUDA. The text encoder is trained jointly.",
+        f" {c['ema_decay']:g} (exported weights), bf16 autocast on CUDA"
+        f"{', torch.compile' if c.get('compile') else ''}. The text encoder is trained jointly.",
         "",
         "| phase | steps | training time |",
         "|---|---|---|",
@@ -208,7 +213,8 @@ def render_card(info: CardInfo, weights_mb: float) -> str:
         "![samples](samples.png)",
         "",
         f"DDIM, {c['sample_steps']} steps, guidance scale {c['sample_guidance']:g}, EMA weights. Rows:"
-        f" {'; '.join(f'`{r}`' for r in rows)}. Columns: {', '.join(view_cols)}.",
+        f" {'; '.join(f'`{r}`' + (' (held out)' if r in held_out_captions() else '') for r in rows)}."
+        f" Columns: {', '.join(view_cols)}.",
         "",
         "## Quality",
         "",

@@ -1,7 +1,7 @@
 """Coarse hash-grid NeRF -> fine DMTet scene (Magic3D §4.2: the fine stage starts from the coarse one).
 
 ``nerf_to_dmtet(source, target)`` fills ``target`` in place (the converter signature of
-``magic3d.scenes.checkpoint``). Steps, each a small pure function below or in
+``magic3d.checkpoints.convert_scene``). Steps, each a small pure function below or in
 ``magic3d.ops.voxels`` (the grid sampling and the visible-surface rule, shared with export and
 the evaluator):
 
