@@ -81,6 +81,40 @@ def test_per_part_learning_rates() -> None:
         TextTo3D(tiny_scene(), ScriptedGuidance(set()), lr_overrides={"backgruond": 0.1}).configure_optimizers()
 
 
+class TrainableGuidance(ScriptedGuidance):
+    """A guidance that owns trainable weights (as a LoRA-tuned prior does)."""
+
+    def __init__(self) -> None:
+        super().__init__(set())
+        self.adapter = nn.Parameter(torch.zeros(3))
+
+    def param_groups(self) -> dict:
+        return {"lora": [self.adapter]}
+
+    def step(self, rgb, cameras, progress) -> GuidanceOutput:
+        out = super().step(rgb + self.adapter, cameras, progress)
+        return out
+
+
+def test_guidance_parameters_reach_the_optimiser_with_their_own_rate(tmp_path) -> None:
+    guidance = TrainableGuidance()
+    model = TextTo3D(tiny_scene(), guidance, prompt="a cube", lr=0.01, lr_overrides={"guidance/lora": 1e-3},
+                     preview_every=0)
+    groups = {g["name"]: (g["lr"], g["params"]) for g in model.configure_optimizers().param_groups}
+    assert groups["guidance/lora"][0] == 1e-3 and groups["guidance/lora"][1] == [guidance.adapter]
+    fit(model, 3, tmp_path)
+    assert guidance.adapter.abs().sum() > 0, "the guidance's own weights train"
+
+
+def test_regulariser_weights_must_name_the_scenes_terms() -> None:
+    model = TextTo3D(tiny_scene(), ScriptedGuidance(set()), regularisers={})
+    assert model.regularisers == {}
+    with pytest.raises(ValueError, match="renders \\['orientation', 'sparsity'\\]"):
+        TextTo3D(tiny_scene(), ScriptedGuidance(set()), regularisers={"laplacian": 1.0})
+    with pytest.raises(ValueError, match="lambda_orientation"):
+        TextTo3D(tiny_scene(), ScriptedGuidance(set()), regularisers={"orientation": 1.0})
+
+
 def test_albedo_only_then_random_shading() -> None:
     model = TextTo3D(tiny_scene(), ScriptedGuidance(set()), albedo_only_steps=5, textureless_probability=0.5)
     first = model.sample_shading(4, torch.device("cpu"))
