@@ -33,7 +33,7 @@ GPUS_ARG = $(if $(value gpus),$(call q,trainer.devices=$(value gpus)) $(if $(fil
 OVERRIDES_ARG = $(foreach word,$(value overrides),$(call q,$(word)))
 
 .DEFAULT_GOAL := run
-.PHONY: run help setup test test-gpu bench notebook clean-cache priors eval
+.PHONY: run help setup test test-gpu bench bench-priors notebook clean-cache priors eval
 
 run: $(SETUP_STAMP) ## Run a recipe: make recipe=NAME prompt="..." [seed=N] [run=FOLDER] [profile=cpu|full] [gpus=N] [overrides="key=value ..."]
 	$(PY) -m magic3d run $(RECIPE_ARG) $(call opt,--prompt,prompt) $(call opt,--seed,seed) $(call opt,--profile,profile) $(call opt,--run,run) $(GPUS_ARG) $(OVERRIDES_ARG)
@@ -51,6 +51,9 @@ test-gpu: $(SETUP_STAMP) ## Run the tests marked gpu (needs CUDA)
 
 bench: $(SETUP_STAMP) ## GPU benchmarks; prints a table and appends it to BENCHMARKS.md
 	HF_HUB_OFFLINE=1 $(PY) -m magic3d.bench --fine --append BENCHMARKS.md
+
+bench-priors: $(SETUP_STAMP) ## Prior-training throughput (images/s) of each phase on a GPU
+	HF_HUB_OFFLINE=1 $(PY) -m magic3d.priors bench --variants pixel:unet:256:compile latent:unet:128:compile latent:vae:32:compile
 
 notebook: $(SETUP_STAMP) ## Open the notebooks (needs jupyter: pip install jupyterlab)
 	$(VENV)/bin/jupyter lab notebooks/
