@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import fields, replace
@@ -58,10 +59,13 @@ class CameraKeyedSDS(PixelSDS):
         self.encoder_loads = 0
         self.poison = False
         self._cameras: CameraBatch | None = None
+        load = self.frozen._load_text_encoder
 
-    def _load_text_encoder(self, device, dtype):
-        self.encoder_loads += 1
-        return super()._load_text_encoder(device, dtype)
+        def counted_load(device, dtype):
+            self.encoder_loads += 1
+            return load(device, dtype)
+
+        self.frozen._load_text_encoder = counted_load
 
     def step(self, rgb, cameras, progress):
         self._cameras = cameras
@@ -245,7 +249,8 @@ def test_checkpoint_and_resume_under_ddp_write_each_file_once(tiny_pixel_pipelin
 
     files = sorted(str(p.relative_to(stage_dir)) for p in stage_dir.rglob("*") if p.is_file())
     assert files == [
-        "DONE.json", "checkpoints/last.ckpt", "checkpoints/step000002.ckpt", "checkpoints/step000004.ckpt",
+        "DONE.json", "checkpoints/last.ckpt", "checkpoints/last.ckpt.sha256", "checkpoints/step000002.ckpt",
+        "checkpoints/step000002.ckpt.sha256", "checkpoints/step000004.ckpt", "checkpoints/step000004.ckpt.sha256",
         "logs/version_0/hparams.yaml", "logs/version_0/metrics.csv",  # one metrics file per attempt,
         "logs/version_1/hparams.yaml", "logs/version_1/metrics.csv",  # not one per rank
         "train/step_000000.png", "train/step_000002.png", "turntable.mp4",
@@ -296,7 +301,8 @@ def test_make_gpus_passes_devices_and_ddp() -> None:
     def dry_run(*args: str) -> str:
         result = subprocess.run(["make", "-n", "-C", str(REPO), "run", *args], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
-        return result.stdout
+        command = next(line for line in result.stdout.splitlines() if "-m magic3d run" in line)
+        return " ".join(shlex.split(command))  # the argv the shell passes, quotes removed
 
     assert "trainer.devices=4 trainer.strategy=ddp" in dry_run("gpus=4")
     one = dry_run("gpus=1")
