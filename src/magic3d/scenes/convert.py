@@ -289,9 +289,9 @@ def convert_nerf_to_dmtet(
     before, after = fit_texture(target, source.albedo, points, steps=texture_steps,
                                 batch_size=texture_batch, generator=generator)
 
-    source_bg, target_bg = getattr(source, "background", None), getattr(target, "background", None)
-    if source_bg is not None and target_bg is not None and type(source_bg) is type(target_bg):
-        target_bg.load_state_dict(source_bg.state_dict())
+    # Both scene classes own a background module; carry it over when it is the same kind.
+    if type(source.background) is type(target.background):
+        target.background.load_state_dict(source.background.state_dict())
 
     return ConversionReport(
         threshold=level,
