@@ -13,7 +13,8 @@
 - ``aggregate``: every run under a folder (``aggregate_runs``) -> ``eval_summary.*``;
 - ``markdown``, ``contact_sheet``: the reports' tables and pictures;
 - ``prior``, ``prior_report``: sampling and scoring a prior (``evaluate_prior``) and its reports;
-- ``classifier``, ``train_classifier``: the evaluator CNN and its training.
+- ``classifier``, ``train_classifier``: the evaluator CNN and its training;
+- ``robustness``: its accuracy on ground truth degraded as text-to-3D renders are.
 
 Nothing here is imported by the training path; this package may import it.
 """

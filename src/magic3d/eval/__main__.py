@@ -4,6 +4,7 @@
   python -m magic3d.eval run RUN_FOLDER [--views 16] [--stage NAME] [--resolution 512] [--classifier priors/evaluator]
   python -m magic3d.eval prompts FOLDER_OF_RUNS [--resolution 512] [--reevaluate]
   python -m magic3d.eval prior PIPELINE_FOLDER [--n-per-caption 8] [--steps 50] [--guidance-scale 5]
+  python -m magic3d.eval robustness [--n-images 2000] [--classifier priors/evaluator]
 
 A coarse_to_fine run is reported stage by stage and as "fine vs coarse" (per-metric fine - coarse);
 --resolution 512 renders both stages at the fine stage's 512x512 (use a GPU: 16 views x 512^2).
@@ -75,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     prior.add_argument("--seed", type=int, default=0)
     prior.add_argument("--out", type=Path, default=None, help="report folder (default <pipeline>/eval)")
     _add_common(prior)
+
+    robust = commands.add_parser("robustness", help="the evaluator's accuracy on ground truth degraded as "
+                                                    "text-to-3D renders are (blur, translucency, floaters, noise)")
+    robust.add_argument("--n-images", type=int, default=2000)
+    robust.add_argument("--out", type=Path, default=None, help="report folder (default <classifier>/eval)")
+    robust.add_argument("--seed", type=int, default=1234)
+    _add_common(robust)
     return parser
 
 
@@ -97,6 +105,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.n_train is not None:
             config.n_train = args.n_train
         train_classifier(args.out, args.minutes, args.smoke, args.device, args.seed, args.max_steps, config)
+        return 0
+
+    if args.command == "robustness":
+        from magic3d.eval.robustness import evaluate_robustness, write_robustness_report
+
+        result = evaluate_robustness(args.n_images, args.classifier, args.device, args.seed)
+        json_path, md_path = write_robustness_report(result, args.out or Path(args.classifier) / "eval")
+        print(md_path.read_text())
+        print(f"wrote {json_path}")
         return 0
 
     from magic3d.eval.aggregate import aggregate_runs
