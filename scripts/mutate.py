@@ -14,7 +14,7 @@ copies.
 Before any mutant, every covering test group must pass on the unmutated copy (else a "kill"
 would mean nothing), and the copy must be what the tests import.
 
-Usage: python scripts/mutate.py [--jobs N] [--only TEXT] [--report PATH] [--list] [--fail-under PCT]
+Usage: python scripts/mutate.py [--jobs N] [--only REGEX] [--report PATH] [--list] [--fail-under PCT]
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def progress(total: int):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="parallel workers (default 2)")
-    parser.add_argument("--only", default=None, help="run the mutants whose module or bug contains this text")
+    parser.add_argument("--only", default=None, help="run the mutants whose 'module: bug' matches this regex")
     parser.add_argument("--report", type=Path, default=ROOT / "mutation_report.md")
     parser.add_argument("--mutants", type=Path, default=ROOT / "scripts" / "mutants.py")
     parser.add_argument("--list", action="store_true", help="check and list the mutants, run nothing")
@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mutate: mutants that cannot be applied:\n{err}", file=sys.stderr)
         return 2
     if args.only:
-        mutants = [m for m in mutants if args.only in m.module or args.only in m.bug]
+        mutants = [m for m in mutants if re.search(args.only, f"{m.module}: {m.bug}")]
     if args.list:
         for m in mutants:
             print(f"{m.index:3d} {m.module:22s} {m.bug}  [{', '.join(m.tests)}]")
