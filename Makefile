@@ -49,7 +49,7 @@ test: $(SETUP_STAMP) ## Run the CPU test suite (no GPU, no network)
 test-gpu: $(SETUP_STAMP) ## Run the tests marked gpu (needs CUDA)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -m gpu
 
-mutate: $(SETUP_STAMP) ## Mutation testing of the core (developer command, ~N min)
+mutate: $(SETUP_STAMP) ## Mutation testing of the core (developer command, ~8 min)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) scripts/mutate.py
 
 bench: $(SETUP_STAMP) ## GPU benchmarks; prints a table and appends it to BENCHMARKS.md
