@@ -33,7 +33,7 @@ GPUS_ARG = $(if $(value gpus),$(call q,trainer.devices=$(value gpus)) $(if $(fil
 OVERRIDES_ARG = $(foreach word,$(value overrides),$(call q,$(word)))
 
 .DEFAULT_GOAL := run
-.PHONY: run help setup test test-gpu bench bench-priors notebook clean-cache priors eval
+.PHONY: run help setup test test-gpu bench bench-priors notebook clean-cache priors eval mutate
 
 run: $(SETUP_STAMP) ## Run a recipe: make recipe=NAME prompt="..." [seed=N] [run=FOLDER] [profile=cpu|full] [gpus=N] [overrides="key=value ..."]
 	$(PY) -m magic3d run $(RECIPE_ARG) $(call opt,--prompt,prompt) $(call opt,--seed,seed) $(call opt,--profile,profile) $(call opt,--run,run) $(GPUS_ARG) $(OVERRIDES_ARG)
@@ -48,6 +48,9 @@ test: $(SETUP_STAMP) ## Run the CPU test suite (no GPU, no network)
 
 test-gpu: $(SETUP_STAMP) ## Run the tests marked gpu (needs CUDA)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -m gpu
+
+mutate: $(SETUP_STAMP) ## Mutation testing of the core (developer command, ~8 min)
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) scripts/mutate.py
 
 bench: $(SETUP_STAMP) ## GPU benchmarks; prints a table and appends it to BENCHMARKS.md
 	HF_HUB_OFFLINE=1 $(PY) -m magic3d.bench --fine --append BENCHMARKS.md

@@ -72,6 +72,28 @@ def test_non_finite_weights_count_as_corrupt(tmp_path: Path) -> None:
         read_checkpoint(path)
 
 
+def test_one_non_finite_tensor_among_finite_ones_is_found_and_named(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    checkpoint = checkpoint_of(3)
+    checkpoint["state_dict"]["layer.bias"] = torch.tensor([0.0, float("nan")])
+    checkpoint["state_dict"]["layer.scale"] = torch.ones(2)
+    write_checkpoint(checkpoint, path)
+    with pytest.raises(CorruptCheckpoint, match=r"non-finite weights \(layer\.bias\)"):
+        read_checkpoint(path)
+
+
+def test_other_ranks_skip_corrupt_files_without_moving_them(tmp_path: Path) -> None:
+    ckpt_dir = tmp_path / "checkpoints"
+    for step in (10, 20):
+        write_checkpoint(checkpoint_of(step), ckpt_dir / f"step{step:06d}.ckpt")
+    scribble_middle(ckpt_dir / "step000020.ckpt")
+    messages: list[str] = []
+    found = latest_valid_checkpoint(ckpt_dir, is_rank_zero=False, log=messages.append)
+    assert found.step == 10, "the same verdict as rank 0"
+    assert (ckpt_dir / "step000020.ckpt").is_file() and not list(ckpt_dir.glob("*.corrupt")), "rank 0 moves files"
+    assert messages == [], "rank 0 alone reports"
+
+
 def test_the_next_valid_checkpoint_is_used_and_the_corrupt_one_kept(tmp_path: Path) -> None:
     ckpt_dir = tmp_path / "checkpoints"
     for step in (10, 20, 30):
@@ -111,6 +133,8 @@ def test_checkpoint_io_hands_back_the_checkpoint_read_at_start(tmp_path: Path, m
     io.preload(found)
     assert io.load_checkpoint(str(path)) is found.checkpoint
     assert reads == [], "read once: Lightning's load gets the same dictionary"
+    io.load_checkpoint(str(path))  # handed back once; a later load reads the file as it is now
+    assert reads == [path]
 
 
 # ------------------------------------------------------------------ through a Lightning fit

@@ -91,6 +91,10 @@ def test_eval_run_folder_is_passed_verbatim(tmp_path: Path) -> None:
     assert _make(tmp_path, f"run={folder}", target="eval") == ["-m", "magic3d.eval", "run", folder]
 
 
+def test_mutate_runs_the_mutation_tool_without_arguments(tmp_path: Path) -> None:
+    assert _make(tmp_path, target="mutate") == ["scripts/mutate.py"]
+
+
 def test_help_lists_targets_and_recipes() -> None:
     result = subprocess.run(["make", "-s", "-C", str(ROOT), "help"], check=False, capture_output=True, text=True,
                             timeout=60)

@@ -130,11 +130,34 @@ def test_sample_random_cameras_shapes_ranges_and_determinism():
     light_dist = cams.light_position.norm(dim=-1)
     assert ((light_dist >= 0.8 - 1e-5) & (light_dist <= 1.5 + 1e-5)).all()  # float32 norm rounding
 
+    # Every draw follows the generator: the same seed repeats each field bit for bit, another
+    # seed changes every value of every drawn field (continuous draws: equal values would
+    # mean a draw ignored the generator).
     again = sample_random_cameras(ranges, 32, 48, 64, _gen(3))
     other = sample_random_cameras(ranges, 32, 48, 64, _gen(4))
-    torch.testing.assert_close(again.c2w, cams.c2w, atol=0, rtol=0)
-    torch.testing.assert_close(again.light_position, cams.light_position, atol=0, rtol=0)
-    assert not torch.equal(other.c2w, cams.c2w)
+    for name in ("c2w", "fovy", "elevation", "azimuth", "distance", "light_position"):
+        torch.testing.assert_close(getattr(again, name), getattr(cams, name), atol=0, rtol=0, msg=name)
+    for name in ("position", "fovy", "elevation", "azimuth", "distance", "light_position"):
+        assert (getattr(other, name) != getattr(cams, name)).all(), name
+
+
+def test_azimuth_turns_counter_clockwise_from_x_to_y():
+    # Azimuth 0 is the front (+x), +90 deg the +y side, 180 deg the back (-x), -90 deg -y;
+    # elevation 90 deg is straight above. float32 cos(pi / 2) is -4.4e-8, so zeros are ~1e-7.
+    deg = torch.tensor([0.0, 90.0, 180.0, -90.0, 0.0])
+    elevation = torch.deg2rad(torch.tensor([0.0, 0.0, 0.0, 0.0, 90.0]))
+    got = spherical_to_cartesian(elevation, torch.deg2rad(deg), torch.full((5,), 2.0))
+    expected = torch.tensor([[2.0, 0, 0], [0, 2.0, 0], [-2.0, 0, 0], [0, -2.0, 0], [0, 0, 2.0]])
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    # The sampler and the orbit agree: a camera drawn at azimuth +90 deg sits on +y looking at -y.
+    ranges = CameraRanges(azimuth_deg=(90.0, 90.0), elevation_deg=(0.0, 0.0))
+    cams = sample_random_cameras(ranges, 4, 8, 8, _gen())
+    torch.testing.assert_close(cams.position / cams.distance[:, None], expected[1].expand(4, 3) / 2,
+                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(-cams.c2w[:, :3, 2], torch.tensor([0.0, -1.0, 0.0]).expand(4, 3),
+                               atol=1e-6, rtol=0)
+    orbit = orbit_cameras(4, elevation_deg=0.0, distance=2.0, fovy_deg=50.0, height=8, width=8)
+    torch.testing.assert_close(orbit.position, expected[:4], atol=1e-6, rtol=0)
 
 
 def test_custom_ranges_respected():

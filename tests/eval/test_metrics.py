@@ -68,24 +68,29 @@ def test_perfect_stub_on_ground_truth_renders_scores_one_and_wrong_colour_zero()
 
 def test_r_precision_uses_the_joint_caption_score() -> None:
     # View 0: shape and colour both right; view 1: shape right, colour wrong; view 2: a close
-    # call where the joint score still picks the right caption.
-    shape = torch.full((3, len(SHAPE_NAMES)), -5.0)
-    colour = torch.full((3, len(COLOUR_NAMES)), -5.0)
-    shape[:, 1] = 5.0
-    colour[0, 0], colour[1, 2], colour[2, 0], colour[2, 3] = 5.0, 5.0, 1.0, 0.9
-    pred = Prediction(shape, colour, torch.zeros(3, 4))
-    assert r_precision(pred, 1, 0) == pytest.approx(2 / 3)
+    # call where the joint score still picks the right caption; view 3: colour right, shape
+    # wrong. A hit needs both, so views 1 and 3 are misses (a colour-only or shape-only
+    # metric would score 3/4).
+    shape = torch.full((4, len(SHAPE_NAMES)), -5.0)
+    colour = torch.full((4, len(COLOUR_NAMES)), -5.0)
+    shape[:3, 1] = 5.0
+    shape[3, 2] = 5.0
+    colour[0, 0], colour[1, 2], colour[2, 0], colour[2, 3], colour[3, 0] = 5.0, 5.0, 1.0, 0.9, 5.0
+    pred = Prediction(shape, colour, torch.zeros(4, 4))
+    assert r_precision(pred, 1, 0) == 0.5  # two hits in four views: exact in binary
+    assert r_precision(pred, 2, 0) == 0.25  # the wrong-shape view is a hit for its own caption
 
 
 def test_janus_rate_on_hand_made_predictions() -> None:
     az_deg = torch.tensor([0.0, 90.0, 180.0, -160.0, 150.0, 170.0, 180.0])
     el_deg = torch.tensor([20.0, 20.0, 20.0, 20.0, 20.0, 20.0, 75.0])  # the last one is overhead
     front, back = VIEW_NAMES.index("front"), VIEW_NAMES.index("back")
-    called = torch.tensor([front, front, front, back, front, back, front])
+    called = torch.tensor([front, front, front, back, front, front, front])
     logits = torch.nn.functional.one_hot(called, 4).float()
     pred = Prediction(torch.zeros(7, 2), torch.zeros(7, 2), logits)
-    # Back views: 180, -160, 150, 170 (not the overhead one); two of them are called front.
-    assert janus_rate(pred, torch.deg2rad(el_deg), torch.deg2rad(az_deg)) == pytest.approx(0.5)
+    # Back views: 180, -160, 150, 170 (not the overhead one); three of them are called front
+    # (and one back: a rate of back views called back would be 1/4).
+    assert janus_rate(pred, torch.deg2rad(el_deg), torch.deg2rad(az_deg)) == 0.75  # exact in binary
     assert janus_rate(pred[:2], torch.deg2rad(el_deg[:2]), torch.deg2rad(az_deg[:2])) is None
 
 
@@ -115,6 +120,14 @@ def test_chamfer_identical_is_zero_and_shift_gives_the_shift() -> None:
     # Each point's nearest neighbour is its own shifted copy (0.1 < spacing / 2); float32 rounding.
     assert result.distance == pytest.approx(0.1, abs=1e-6)
     assert result.gt_to_pred == pytest.approx(0.1, abs=1e-6) and result.pred_to_gt == pytest.approx(0.1, abs=1e-6)
+    # The two directions are not interchangeable: a reconstruction holding only the half
+    # x <= 1 of the grid is accurate (each of its points is a ground-truth point) but
+    # incomplete (ground-truth planes x = 2 and x = 3 lie 1 and 2 away from it). Distances
+    # between integer points are exact in float32, so these compare exactly.
+    partial = chamfer_distance(points, points[points[:, 0] < 1.5])
+    assert partial.pred_to_gt == 0.0
+    assert partial.gt_to_pred == 0.75  # (0 + 0 + 1 + 2) / 4 planes of equal size
+    assert partial.distance == 0.375
     with pytest.raises(ValueError, match="non-empty"):
         chamfer_distance(points, points[:0])
 

@@ -97,6 +97,41 @@ def test_composite_matches_dense_reference_forward_and_backward():
     assert (grads[0][~keep] == 0).all()
 
 
+def test_composite_reproduces_nerfaccs_documented_example():
+    """The example in nerfacc's ``render_weight_from_density`` docstring (nerfstudio-project/
+    nerfacc, ``nerfacc/volrend.py``, commit 03a8a78; also on nerfacc.com under
+    ``nerfacc.render_weight_from_density``): seven unit-length samples on three rays, with the
+    weights, transmittances and alphas it prints. An independent implementation's public
+    numbers, not ours: same formula, w_i = T_i (1 - exp(-sigma_i delta_i)),
+    T_i = exp(-sum_{j<i} sigma_j delta_j)."""
+    t_starts = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    t_ends = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    sigmas = torch.tensor([0.4, 0.8, 0.1, 0.8, 0.1, 0.0, 0.9])
+    ray_indices = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    documented_weights = torch.tensor([0.33, 0.37, 0.03, 0.55, 0.04, 0.00, 0.59])
+    documented_transmittance = torch.tensor([1.00, 0.67, 0.30, 1.00, 0.45, 1.00, 1.00])
+    documented_alphas = torch.tensor([0.33, 0.55, 0.095, 0.55, 0.095, 0.00, 0.59])
+
+    out = composite(sigmas, t_ends - t_starts, ray_indices, 3)
+    # nerfacc prints two decimals (three for 0.095): agreement to half the last printed digit.
+    torch.testing.assert_close(out.weights, documented_weights, atol=0.005, rtol=0)
+    # What ray i has absorbed before sample i is the sum of its earlier weights, so
+    # T_i = 1 - that sum, and alpha_i = w_i / T_i.
+    transmittance = torch.stack([1.0 - out.weights[:i][ray_indices[:i] == ray_indices[i]].sum() for i in range(7)])
+    torch.testing.assert_close(transmittance, documented_transmittance, atol=0.005, rtol=0)
+    alphas = out.weights / transmittance
+    printed_digits = torch.tensor([2, 2, 3, 2, 3, 2, 2])
+    assert ((alphas - documented_alphas).abs() <= 0.5 * 10.0 ** -printed_digits.float()).all(), alphas
+    # Opacity is the weights' sum per ray (three rounded weights: 0.015 at most).
+    torch.testing.assert_close(out.opacity, torch.stack([documented_weights[:3].sum(), documented_weights[3:5].sum(),
+                                                         documented_weights[5:].sum()]), atol=0.015, rtol=0)
+    # The dense textbook reference gives the same weights (ray 1 padded with a zero density).
+    dense_sigma = torch.tensor([[0.4, 0.8, 0.1], [0.8, 0.1, 0.0], [0.0, 0.9, 0.0]])
+    ref = composite_reference(dense_sigma, torch.ones(3, 3), torch.zeros(3, 3, 1))
+    keep = torch.tensor([[True, True, True], [True, True, False], [True, True, False]])
+    torch.testing.assert_close(out.weights, ref.weights[keep])  # same float32 values, default tolerance
+
+
 def test_composite_gradcheck_float64():
     density, delta, values, keep = _dense_problem(torch.float64, seed=3, rays=3, samples=5, channels=2)
     d, dl, v, ray = _pack(density, delta, values, keep)

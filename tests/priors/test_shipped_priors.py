@@ -45,8 +45,9 @@ def test_latent_prior_gives_finite_sds_gradients_through_its_vae_offline(tmp_pat
     assert sizes["latent"] <= 10.0 and sum(sizes.values()) <= 24.0, f"repository budget for priors: {sizes}"
 
 
-@pytest.mark.parametrize("prompt", ["a red cube", "an orange duck", "a blue house"])
-def test_evaluator_recognises_ground_truth(prompt: str) -> None:
+@pytest.mark.parametrize(("prompt", "other_shape"), [("a red cube", "sphere"), ("an orange duck", "car"),
+                                                    ("a blue house", "cone")])
+def test_evaluator_recognises_ground_truth(prompt: str, other_shape: str) -> None:
     classifier = ToyWorldClassifier.load(PRIORS / "evaluator")
     parsed = parse_prompt(prompt)
     cameras = orbit_cameras(n_views=8, elevation_deg=20.0, distance=2.0, fovy_deg=50.0, height=64, width=64)
@@ -55,3 +56,7 @@ def test_evaluator_recognises_ground_truth(prompt: str) -> None:
     # Held-out caption accuracy was 99.7 % at elevation <= 60 deg (classifier.json); allow one
     # miss in 8 views so a borderline view cannot make this flaky.
     assert r_precision(prediction, parsed.shape_id, parsed.colour_id) >= 7 / 8
+    # And not lenient: another shape in the prompt's colour is not the prompt (same one-miss
+    # allowance). A metric that counted colour-only matches would score these views 1.
+    impostor = classifier.predict(ground_truth_views(other_shape, parsed.colour, cameras).rgb)
+    assert r_precision(impostor, parsed.shape_id, parsed.colour_id) <= 1 / 8

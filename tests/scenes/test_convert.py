@@ -12,6 +12,7 @@ from magic3d.scenes.convert import (
     convert_nerf_to_dmtet,
     largest_component,
     nerf_to_dmtet,
+    occupied_bbox,
     signed_distance_grid,
     squared_distance_transform,
 )
@@ -131,6 +132,19 @@ def test_threshold_outside_the_density_range_reports_the_range():
     empty = coarse_scene(density=lambda p: torch.zeros(p.shape[0]))
     with pytest.raises(ValueError, match=r"range \[0, 0\]"):
         nerf_to_dmtet(empty, fine_scene())
+
+
+def test_box_is_the_occupied_extent_plus_the_margin():
+    # 16^3 voxels of 1/8 over [-1, 1]^3; occupied voxels x 4..7, y 4..11, z 6..6 (one layer).
+    occupied = torch.zeros(16, 16, 16, dtype=torch.bool)
+    occupied[4:8, 4:12, 6] = True
+    lo, hi = occupied_bbox(occupied, 1.0, tet_resolution=10, margin_cells=1.0, min_aspect=0.25)
+    # Extent: x [-0.5, 0], y [-0.5, 0.5], z [-0.25, -0.125] (the voxels' outer faces). The thin z
+    # axis is widened about its centre to 0.25 x the longest (1.0). Margin: 1 cell of the final
+    # 10-cell grid, e / 8, at least one voxel: x 0.125 (clamped), y 0.125, z 0.125 (clamped).
+    # Dyadic numbers throughout: exact.
+    assert lo.tolist() == [-0.625, -0.625, -0.4375]
+    assert hi.tolist() == [0.125, 0.625, 0.0625]
 
 
 def test_largest_component_keeps_the_biggest_blob():
