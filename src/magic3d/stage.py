@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt  # checked when the config is parsed
 
 from magic3d.checkpoints import (
     PeriodicCheckpoints,
@@ -64,10 +65,10 @@ class RunOptions:
         wandb: "auto" (online when logged in, else offline), "offline", "online" or "off".
     """
 
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    video_fps: int = 30
-    video_views: int = 60
+    checkpoint_every: PositiveInt = 100
+    keep_checkpoints: NonNegativeInt = 2
+    video_fps: PositiveInt = 30
+    video_views: PositiveInt = 60
     wandb: str = "auto"
 
 
@@ -250,7 +251,7 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
         check_compatible(model, found)
 
     checkpoint_io = StageCheckpointIO()
-    periodic = PeriodicCheckpoints(ckpt_dir, run.checkpoint_every, run.keep_checkpoints)
+    periodic = PeriodicCheckpoints(ckpt_dir, int(run.checkpoint_every), int(run.keep_checkpoints))
     trainer_kwargs = dict(vars(cfg.trainer))
     trainer_kwargs["strategy"] = resolve_strategy(trainer_kwargs.get("strategy", "auto"),
                                                   trainer_kwargs.get("devices", "auto"),
