@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("stage_dir", type=Path,
                         help="runs/<recipe>/<name>/<stage>, or a run folder (its last finished stage)")
     export.add_argument("--texture-resolution", type=int, default=1024)
+    export.add_argument("--mesh-resolution", type=int, default=128,
+                        help="grid cubes per axis for the surface of a NeRF (default 128)")
 
     sub.add_parser("recipes", help="list recipes")
     return parser
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "export":
             from magic3d.export import export_stage
 
-            for path in export_stage(args.stage_dir, texture_resolution=args.texture_resolution):
+            for path in export_stage(args.stage_dir, texture_resolution=args.texture_resolution,
+                                     mesh_resolution=args.mesh_resolution):
                 print(path)
             return 0
         if args.command == "stage":

@@ -490,11 +490,12 @@ def export_scene(
     return [glb, *obj_files]
 
 
-def export_stage(stage_dir: Path | str, texture_resolution: int = 1024) -> list[Path]:
+def export_stage(stage_dir: Path | str, texture_resolution: int = 1024, mesh_resolution: int = 128) -> list[Path]:
     """Export a finished stage's scene to ``<stage_dir>/export/`` (``python -m magic3d export``)."""
     from magic3d.runs import final_stage_dir, load_stage_scene
 
     stage_dir = final_stage_dir(stage_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     scene = load_stage_scene(stage_dir, device=device)
-    return export_scene(scene, stage_dir / "export", texture_resolution=texture_resolution)
+    return export_scene(scene, stage_dir / "export", texture_resolution=texture_resolution,
+                        mesh_resolution=mesh_resolution)

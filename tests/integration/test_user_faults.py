@@ -23,6 +23,22 @@ def coarse(run_dir: Path, pipeline: Path, *extra: str, prompt: str | None = "a b
     return run_cli(*args, f"model.guidance.pretrained={pipeline}", *FAST, *extra)
 
 
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Path) -> Path:
+    """One finished coarse run (4 steps, checkpoints at 2 and 4); tests work on copies."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = coarse(run_dir, tiny_pixel_pipeline)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
+def copy_of(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy (hard links become separate files: last.ckpt and step000004.ckpt no longer share one)."""
+    import shutil
+
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
 def one_line_error(result) -> str:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
@@ -30,30 +46,29 @@ def one_line_error(result) -> str:
     return result.stderr
 
 
-def test_a_scribbled_checkpoint_is_skipped_for_the_previous_good_one(tmp_path: Path, tiny_pixel_pipeline: Path) -> None:
-    run_dir = tmp_path / "run"
-    first = coarse(run_dir, tiny_pixel_pipeline)
-    assert first.returncode == 0, first.stderr[-2000:]
+def test_a_scribbled_checkpoint_is_skipped_for_the_previous_good_one(
+        finished_run: Path, tmp_path: Path, tiny_pixel_pipeline: Path) -> None:
+    run_dir = copy_of(finished_run, tmp_path)
     ckpt_dir = run_dir / "coarse" / "checkpoints"
     (run_dir / "coarse" / "DONE.json").unlink()  # pretend the stage stopped after its last save
-    last = ckpt_dir / "last.ckpt"
-    size = last.stat().st_size
-    with open(last, "r+b") as handle:  # 4 KB of garbage in the middle, size unchanged
-        handle.seek(size // 2)
-        handle.write(os.urandom(4096))
+    # 4 KB of garbage in the middle of the two newest files, sizes unchanged.
+    for damaged in (ckpt_dir / "last.ckpt", ckpt_dir / "step000004.ckpt"):
+        size = damaged.stat().st_size
+        with open(damaged, "r+b") as handle:
+            handle.seek(size // 2)
+            handle.write(os.urandom(4096))
     again = coarse(run_dir, tiny_pixel_pipeline)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "corrupt" in again.stdout and "step000002.ckpt" in again.stdout, again.stdout[-2000:]
     assert json.loads((run_dir / "coarse" / "DONE.json").read_text())["steps"] == 4
     names = {p.name for p in ckpt_dir.iterdir()}
-    assert "last.ckpt.corrupt" in names, "the damaged file is kept under another name"
+    assert {"last.ckpt.corrupt", "step000004.ckpt.corrupt"} <= names, "damaged files are kept under another name"
     assert not [n for n in names if "-v" in n], f"no versioned copies: {sorted(names)}"
     assert len([n for n in names if n.endswith(".ckpt")]) <= 3, "last + keep_checkpoints (2)"
 
 
-def test_run_folder_alone_continues_and_new_overrides_are_listed(tmp_path: Path, tiny_pixel_pipeline: Path) -> None:
-    run_dir = tmp_path / "run"
-    assert coarse(run_dir, tiny_pixel_pipeline).returncode == 0
+def test_run_folder_alone_continues_and_new_overrides_are_listed(finished_run: Path, tmp_path: Path) -> None:
+    run_dir = copy_of(finished_run, tmp_path)
     settings = json.loads((run_dir / "run.json").read_text())
     assert settings["prompt"] == "a blue torus" and settings["recipe"] == "coarse_only"
 
@@ -98,9 +113,8 @@ def test_an_error_before_the_first_step_leaves_no_folder_and_the_fix_reuses_it(
     assert fixed.returncode == 0, fixed.stderr[-2000:]
 
 
-def test_export_takes_a_run_folder(tmp_path: Path, tiny_pixel_pipeline: Path) -> None:
-    run_dir = tmp_path / "run"
-    assert coarse(run_dir, tiny_pixel_pipeline).returncode == 0
-    result = run_cli("export", str(run_dir), "--texture-resolution", "32")
+def test_export_takes_a_run_folder(finished_run: Path, tmp_path: Path) -> None:
+    run_dir = copy_of(finished_run, tmp_path)
+    result = run_cli("export", str(run_dir), "--texture-resolution", "32", "--mesh-resolution", "24")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (run_dir / "coarse" / "export" / "mesh.glb").is_file()
