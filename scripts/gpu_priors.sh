@@ -1,19 +1,16 @@
 #!/usr/bin/env bash
-# Train the embedded priors on a GPU and pack them for the trip back (device tool: 8 files
-# of 16 MB at most, so each prior folder travels as one tar). Usage:
-#   bash scripts/gpu_priors.sh pixel 6     # kind, minutes of training
+# Train one embedded prior on a GPU, grade its samples, and pack it for the trip back (the
+# device tool returns at most 8 files of 16 MB). Usage:
+#   bash scripts/gpu_priors.sh pixel 6 [--init-from priors/pixel]   # kind, minutes, extra args
+# The exported fp16 folder is the checkpoint that travels between sessions (`--init-from`): the
+# full trainer state (fp32 weights, EMA, AdamW moments: ~110 MB pixel) exceeds the 64 MiB a call
+# can carry. Within one session the state stays on the warm machine for `--resume`.
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
-KIND=${1:-pixel}; MINUTES=${2:-6}
+KIND=${1:-pixel}; MINUTES=${2:-6}; shift 2 || true
 nvidia-smi --query-gpu=name --format=csv,noheader
-python3 -m magic3d.priors train --kind "$KIND" --out "priors/$KIND" --minutes "$MINUTES" --resume \
-    2>&1 | tee "$OUT/train_$KIND.log" | grep -vE "it/s\]$" | tail -40
+python3 -m magic3d.priors train --kind "$KIND" --out "priors/$KIND" --minutes "$MINUTES" --resume "$@" \
+    2>&1 | tee "$OUT/train_$KIND.log" | grep -vE "it/s\]$" | tail -30
+python3 -m magic3d.eval prior "priors/$KIND" --update-card 2>&1 | tee "$OUT/eval_$KIND.log" | tail -25
 tar -cf "$OUT/prior_$KIND.tar" -C priors "$KIND"
-# The trainer state (fp32 weights, EMA and AdamW moments: ~110 MB pixel, ~75 MB latent) comes
-# back in 15 MB parts (the tool returns files of 16 MB at most); reassemble here with
-#   mkdir -p priors/.prior_ckpt/$KIND && cat .../state_$KIND.part-* > priors/.prior_ckpt/$KIND/train_state.pt
-# Untested on the device. The pixel state needs 8 parts, which with the tar and the log exceeds the
-# 8 files a call returns; and sending a state out again is bounded by the 64 MiB carry limit.
-STATE=priors/.prior_ckpt/$KIND/train_state.pt
-[ -f "$STATE" ] && split -b 15M -d "$STATE" "$OUT/state_$KIND.part-"
 ls -la "$OUT"

@@ -181,6 +181,8 @@ def render_card(info: CardInfo, weights_mb: float) -> str:
             f"- VAE: L1 + L2 reconstruction + {c['vae_kl_weight']:g} x KL, batch {c['vae_batch_size']},"
             f" lr {c['vae_lr']:g}. UNet: epsilon MSE on SD's scaled-linear schedule on sampled latents."
         )
+    if c.get("min_snr_gamma") is not None:
+        lines.append(f"- Epsilon MSE weighted by min(SNR, {c['min_snr_gamma']:g}) / SNR per sample (Min-SNR, Hang et al. 2023).")
     lines += [
         f"- AdamW lr {c['lr']:g} (text encoder x{c['text_lr_scale']:g}), batch {c['batch_size']}, warm-up"
         f" {c['warmup_steps']} steps, cosine to {c['min_lr_fraction']:g} x over the time budget, EMA"

@@ -129,6 +129,10 @@ class PriorConfig:
     # 0: the variance channels stay untrained (SDS and DDIM use only epsilon). The iDDPM hybrid
     # weight 1.0 (lambda=0.001 x T) went non-finite within 50 bf16 steps on an H100.
     variance_loss_weight: float = 0.0
+    # Min-SNR-gamma loss weighting (losses.min_snr_weight); None = plain epsilon MSE, which
+    # the shipped priors of 2026-11 were trained with. Hang et al. 2023 report ~3x faster
+    # convergence with gamma 5 on ImageNet 64/256.
+    min_snr_gamma: float | None = None
     # latent prior: autoencoder phase
     vae_fraction: float = 0.35  # share of the time budget for the VAE
     vae_batch_size: int = 32
@@ -192,6 +196,7 @@ def default_config(kind: str, smoke: bool = False) -> PriorConfig:
             image_size=64,
             unet=_pixel_unet(64, (64, 112, 128), heads=4, text_dim=128, groups=16),
             text=TextEncoderConfig("t5", d_model=128, num_layers=2, num_heads=4, d_ff=512),
+            min_snr_gamma=5.0,
             max_mb=14.0,
         )
     if smoke:
@@ -214,6 +219,7 @@ def default_config(kind: str, smoke: bool = False) -> PriorConfig:
         n_images=20_000,
         supersample=1,  # 256 px is sharp enough; supersampling would quadruple the render time
         batch_size=128,
+        min_snr_gamma=5.0,
         sample_rows=4,
         max_mb=10.0,
     )
