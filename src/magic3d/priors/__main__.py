@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="pipeline folder to write, e.g. priors/pixel")
     train.add_argument("--minutes", type=float, default=8.0, help="total training time budget (default 8)")
     train.add_argument("--resume", action="store_true", help="continue from the train state if it exists")
+    train.add_argument("--init-from", default=None, metavar="FOLDER",
+                       help="continue from an exported prior folder (weights, steps, config) when there is no state")
     train.add_argument("--state", default=None, help="train state file (default <out>/../.prior_ckpt/<kind>/train_state.pt)")
     train.add_argument("--smoke", action="store_true", help="tiny model, 64 images, 3 steps per phase (CPU tests)")
     train.add_argument("--max-steps", type=int, default=None, help="cap on each phase's total steps")
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         config=config,
         command="python -m magic3d.priors " + shlex.join(argv_text),
+        init_from=args.init_from,
     )
     status = "exported" if result.exported else "up to date"
     print(f"{args.kind} prior {status}: {result.out} (steps {result.steps}, "

@@ -71,12 +71,16 @@ class Phase:
     step: int = 0
     seconds: float = 0.0
     history: list[list[float]] = field(default_factory=list)  # [step, seconds, mean loss]
+    # Step at which the current optimiser state began (a warm start resets the AdamW moments):
+    # the learning-rate warm-up counts from here.
+    warmup_from: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "seconds": self.seconds,
             "history": self.history,
+            "warmup_from": self.warmup_from,
             "models": {n: m.state_dict() for n, m in self.modules.items()},
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -86,6 +90,7 @@ class Phase:
         self.step = int(state["step"])
         self.seconds = float(state["seconds"])
         self.history = [list(h) for h in state["history"]]
+        self.warmup_from = int(state.get("warmup_from", 0))  # states before warm starts: 0
         for name, module in self.modules.items():
             module.load_state_dict(state["models"][name])
         self.ema.load_state_dict(state["ema"])
@@ -159,7 +164,7 @@ def run_phase(
             progress = phase.seconds / budget_s if math.isfinite(budget_s) and budget_s > 0 else 0.0
             if max_steps is not None:
                 progress = max(progress, phase.step / max_steps)
-            factor = lr_factor(phase.step, progress, config.warmup_steps, config.min_lr_fraction)
+            factor = lr_factor(phase.step - phase.warmup_from, progress, config.warmup_steps, config.min_lr_fraction)
             for group in phase.optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             if params[0].is_cuda:

@@ -34,6 +34,7 @@ from magic3d.priors.export import check_size
 from magic3d.priors.logs import Log, print_line
 from magic3d.priors.sampling import ddim_sample  # noqa: F401  (re-exported: magic3d.eval samples with it)
 from magic3d.priors.trainer import PriorTrainer, counts_text, load_state
+from magic3d.priors.warm_start import read_warm_start
 
 __all__ = ["TrainResult", "default_state_path", "load_state", "train_prior"]
 
@@ -76,6 +77,7 @@ def train_prior(
     config: PriorConfig | None = None,
     command: str = "",
     log: Log = print_line,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train (or continue) a prior for a total of ``minutes`` and export it to ``out``.
 
@@ -83,6 +85,9 @@ def train_prior(
     train_state.pt``) when it exists, keeping its config, seed, tokenizer and images;
     ``max_steps`` caps each phase's total steps. Without ``resume`` an existing state is
     overwritten. ``config`` replaces the default (or ``smoke``) config of a fresh run.
+    ``init_from`` continues from an exported pipeline folder instead (``warm_start``: its
+    weights, step counts and configuration; fresh optimiser moments) when there is no state
+    to resume; ``minutes`` then counts the folder's training time too.
     """
     out = Path(out)
     state_path = Path(state_path) if state_path is not None else default_state_path(out, kind)
@@ -92,6 +97,7 @@ def train_prior(
         raise ValueError(f"minutes={minutes} must be positive (the total training time budget).")
     resolved = resolve_device(device)
     state = None
+    warm = None
     if resume and state_path.is_file():
         state = load_state(state_path)
         if state["kind"] != kind:
@@ -101,6 +107,13 @@ def train_prior(
             log("[state] resuming with the stored config: config changes apply to new runs only")
         config = stored
         log(f"[state] resuming from {state_path}")
+        if init_from is not None:
+            log(f"[state] --init-from {init_from} ignored: the train state is newer and complete")
+    elif init_from is not None:
+        warm = read_warm_start(init_from, kind)
+        if config is not None and config.to_dict() != warm.config.to_dict():
+            log(f"[state] continuing with the configuration stored in {init_from}/training.json")
+        config = warm.config
     else:
         if resume:
             log(f"[state] no state at {state_path}: starting a new run")
@@ -111,7 +124,7 @@ def train_prior(
         raise ValueError(f"config.kind={config.kind!r} does not match kind={kind!r}.")
     max_mb = config.max_mb if max_mb is None else max_mb
 
-    trainer = PriorTrainer(config, resolved, seed, state, log)
+    trainer = PriorTrainer(config, resolved, seed, state, log, warm=warm)
     counts = trainer.param_counts()
     size = check_size(trainer.export_modules, max_mb)  # refuse before spending GPU time
     log(f"[{kind}] parameters: {counts_text(counts)}; fp16 pipeline {size:.2f} MB (max {max_mb} MB)")

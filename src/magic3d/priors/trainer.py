@@ -64,6 +64,7 @@ from magic3d.priors.objective import (
     maybe_compile,
 )
 from magic3d.priors.sampling import ddim_sample, sample_prompts
+from magic3d.priors.warm_start import WarmStart, load_exported_module, phase_of
 
 STATE_FORMAT = "magic3d-prior-state-v1"
 
@@ -95,18 +96,28 @@ class PriorTrainer:
         seed: int,
         state: dict[str, Any] | None = None,
         log: Log = print_line,
+        warm: WarmStart | None = None,
     ) -> None:
+        if state is not None and warm is not None:
+            raise ValueError("pass a train state or a warm start, not both")
         self.config = config
         self.device = device
         self.log = log
-        self.seed = int(state["seed"]) if state else seed
-        self.tokenizer_json = state["tokenizer_json"] if state else train_tokenizer_json()
+        if warm is not None:
+            state_like: dict[str, Any] | None = {
+                "seed": warm.seed, "tokenizer_json": warm.tokenizer_json, "n_images": warm.n_images,
+                "render": warm.render, "runs": warm.runs, "scaling_factor": warm.scaling_factor,
+            }
+        else:
+            state_like = state
+        self.seed = int(state_like["seed"]) if state_like else seed
+        self.tokenizer_json = state_like["tokenizer_json"] if state_like else train_tokenizer_json()
         self.tokenizer = tokenizer_from_json(self.tokenizer_json)
         self.table = CaptionTable(self.tokenizer, device)
-        self.n_images = int(state["n_images"]) if state and state.get("n_images") else None
-        self.render_info: dict[str, float] = dict(state.get("render", {})) if state else {}
-        self.runs: list[dict[str, Any]] = list(state.get("runs", [])) if state else []
-        self.scaling_factor: float | None = state.get("scaling_factor") if state else None
+        self.n_images = int(state_like["n_images"]) if state_like and state_like.get("n_images") else None
+        self.render_info: dict[str, float] = dict(state_like.get("render", {})) if state_like else {}
+        self.runs: list[dict[str, Any]] = list(state_like.get("runs", [])) if state_like else []
+        self.scaling_factor: float | None = state_like.get("scaling_factor") if state_like else None
         self.data: ToyImages | None = None
         self.latents: tuple[Tensor, Tensor] | None = None
 
@@ -134,6 +145,28 @@ class PriorTrainer:
             for name, phase in self.phases.items():
                 phase.load_state_dict(state["phases"][name])
             self._load_rng(state["rng"])
+        if warm is not None:
+            self._warm_start(warm)
+
+    def _warm_start(self, warm: WarmStart) -> None:
+        """Exported weights -> live and EMA weights; step counts and seconds carried over."""
+        for name, module in self.export_modules.items():
+            weights = load_exported_module(warm.folder, name, module)
+            module.load_state_dict(weights)
+            phase = self.phases[phase_of(name)]
+            for key, param in module.named_parameters():
+                phase.ema.shadow[name][key].copy_(param.detach())
+        for name, phase in self.phases.items():
+            record = warm.phases.get(name)
+            if record is None:
+                raise ValueError(f"--init-from {warm.folder}: training.json has no {name!r} phase.")
+            phase.step, phase.seconds = record["steps"], record["seconds"]
+            phase.history = [list(h) for h in record["history"]]
+            phase.warmup_from = phase.step
+        # New draws, not a replay of the first run's noise and timesteps.
+        torch.manual_seed(self.seed + 1 + sum(p.step for p in self.phases.values()))
+        steps = ", ".join(f"{n} step {p.step}" for n, p in self.phases.items())
+        self.log(f"[state] warm start from {warm.folder} ({steps}; optimiser moments reset)")
 
     # ---------------------------------------------------------------- bookkeeping
 
