@@ -10,7 +10,7 @@ import torch
 from magic3d.eval.robustness import (
     DEGRADATIONS,
     evaluate_robustness,
-    plain_background,
+    backdrop_colour,
     speckle,
     translucent,
     write_robustness_report,
@@ -28,7 +28,7 @@ def scene(b: int = 2, size: int = 16):
 
 def test_background_is_recovered_and_translucency_is_exact() -> None:
     images, mask = scene()
-    background = plain_background(images, mask)
+    background = backdrop_colour(images, mask)
     torch.testing.assert_close(background, torch.full_like(images, 0.5))
     g = torch.Generator().manual_seed(0)
     torch.testing.assert_close(translucent(images, mask, background, g, alpha=1.0), images)
@@ -39,7 +39,7 @@ def test_background_is_recovered_and_translucency_is_exact() -> None:
 
 def test_degradations_are_seeded_and_change_the_image() -> None:
     images, mask = scene()
-    background = plain_background(images, mask)
+    background = backdrop_colour(images, mask)
     for name, degrade in DEGRADATIONS.items():
         a = degrade(images, mask, background, torch.Generator().manual_seed(3))
         b = degrade(images, mask, background, torch.Generator().manual_seed(3))

@@ -8,8 +8,8 @@ not the object. This module applies each degradation (fixed, seeded) to ground-t
 on plain backgrounds and reports the classifier's accuracies per degradation
 (``python -m magic3d.eval robustness``).
 
-Each degradation works on channel-first images in [0, 1] with their coverage mask and plain
-background colour, so translucency is exact (the object blended over its own backdrop).
+The degradations themselves live in ``magic3d.eval.degradations`` (the evaluator's training
+applies them as augmentations too).
 """
 
 from __future__ import annotations
@@ -20,60 +20,23 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Float
-from torch import Tensor
 
 from magic3d.eval.classifier import DEFAULT_FOLDER, ToyWorldClassifier, load_classifier
-from magic3d.eval.train_classifier import gaussian_blur, held_out_accuracy
+from magic3d.eval.degradations import (
+    Images,
+    Masks,
+    backdrop_colour,
+    blur,
+    combined,
+    nerf_noise,
+    soft_silhouette,
+    speckle,
+    translucent,
+)
+from magic3d.eval.train_classifier import held_out_accuracy
 from magic3d.toyworld.dataset import ToyWorldBatch, ToyWorldSpec, render_dataset
 
-Images = Float[Tensor, "B 3 H W"]
-Masks = Float[Tensor, "B 1 H W"]
 Degradation = Callable[[Images, Masks, Images, torch.Generator], Images]
-
-
-def blur(x: Images, mask: Masks, background: Images, g: torch.Generator, sigma: float = 1.5) -> Images:
-    """A render at lower effective resolution (a coarse NeRF at 64², upsampled renders)."""
-    return gaussian_blur(x, torch.full((x.shape[0],), sigma, device=x.device))
-
-
-def translucent(x: Images, mask: Masks, background: Images, g: torch.Generator, alpha: float = 0.6) -> Images:
-    """The object at opacity ``alpha`` over its background: a NeRF that never became opaque."""
-    return background + alpha * mask * (x - background)
-
-
-def soft_silhouette(x: Images, mask: Masks, background: Images, g: torch.Generator, sigma: float = 2.0) -> Images:
-    """A fuzzy border: coverage blurred, the object's colour kept inside."""
-    soft = gaussian_blur(mask, torch.full((mask.shape[0],), sigma, device=mask.device)).clamp(0.0, 1.0)
-    return background + soft * (x - background)
-
-
-def speckle(x: Images, mask: Masks, background: Images, g: torch.Generator, fraction: float = 0.03) -> Images:
-    """Floaters: a share of pixels replaced by random colours."""
-    b, _, h, w = x.shape
-    hit = torch.rand(b, 1, h, w, generator=g, device=x.device) < fraction
-    colours = torch.rand(b, 3, h, w, generator=g, device=x.device)
-    return torch.where(hit, colours, x)
-
-
-def nerf_noise(x: Images, mask: Masks, background: Images, g: torch.Generator, strength: float = 0.15) -> Images:
-    """Low-frequency colour noise on the object (an under-trained hash grid): an 8x8 field of
-    per-channel gains in 1 ± ``strength``, upsampled smoothly, plus fine noise of std 0.02."""
-    b, _, h, w = x.shape
-    coarse = torch.rand(b, 3, 8, 8, generator=g, device=x.device) * 2.0 - 1.0
-    gains = 1.0 + strength * F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)
-    fine = 0.02 * torch.randn(x.shape, generator=g, device=x.device)
-    return x + mask * (x * (gains - 1.0) + fine)
-
-
-def combined(x: Images, mask: Masks, background: Images, g: torch.Generator) -> Images:
-    """Everything at once, milder each: what a typical coarse render looks like."""
-    x = nerf_noise(x, mask, background, g, strength=0.1)
-    x = soft_silhouette(x, mask, background, g, sigma=1.0)
-    x = translucent(x, mask, background, g, alpha=0.8)
-    x = speckle(x, mask, background, g, fraction=0.01)
-    return blur(x, mask, background, g, sigma=1.0)
 
 
 DEGRADATIONS: dict[str, Degradation] = {
@@ -102,18 +65,11 @@ class RobustnessResult:
         return "\n".join(rows)
 
 
-def plain_background(images: Images, masks: Masks) -> Images:
-    """Each image's backdrop colour, from its uncovered pixels (plain backgrounds only)."""
-    empty = (masks < 0.5).float()
-    colour = (images * empty).sum(dim=(2, 3)) / empty.sum(dim=(2, 3)).clamp_min(1.0)
-    return colour[:, :, None, None].expand_as(images)
-
-
 def degrade_batch(data: ToyWorldBatch, degradation: Degradation, seed: int = 0) -> ToyWorldBatch:
     """The same images with ``degradation`` applied (seeded: the same every call)."""
     x = data.images.float().div(255.0).permute(0, 3, 1, 2)
     mask = data.masks.float().div(255.0).permute(0, 3, 1, 2)
-    background = plain_background(x, mask)
+    background = backdrop_colour(x, mask)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     out = degradation(x, mask, background, generator).clamp(0.0, 1.0)
     images = (out.permute(0, 2, 3, 1) * 255.0).round().to(torch.uint8)
