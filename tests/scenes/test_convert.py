@@ -193,6 +193,32 @@ def test_transparent_scene_reports_that_nothing_is_opaque():
         convert_nerf_to_dmtet(coarse_scene(faint), fine_scene(), resolution=16, texture_steps=0)
 
 
+def translucent_ball(points: torch.Tensor) -> torch.Tensor:
+    """Density 0.6 inside a 0.5-radius ball, none outside: optical depth 0.3 at most (opacity
+    26 %), so nothing is opaque; the conversion of old refused it and lost the fine stage."""
+    inside = ((points - CENTRE).norm(dim=-1) < 0.5).float()
+    return 0.6 * inside
+
+
+def test_translucent_coarse_scene_converts_with_a_warning(capsys: pytest.CaptureFixture[str]):
+    target = fine_scene()
+    report = convert_nerf_to_dmtet(coarse_scene(translucent_ball), target, resolution=RESOLUTION, texture_steps=0)
+    assert report.translucent_max_depth is not None and report.translucent_max_depth < 0.35
+    mesh = target.extract_mesh()
+    radii = (mesh.vertices.detach() - CENTRE).norm(dim=-1)
+    # Surface at a quarter of the peak depth: 80 % of the radius for a uniform ball, within
+    # the voxel (1/16) and tet-cell (~1/6 of the box) discretisation.
+    assert 0.3 < float(radii.mean()) < 0.5
+    nerf_to_dmtet(coarse_scene(translucent_ball), fine_scene(), resolution=RESOLUTION, texture_steps=0)
+    assert "translucent" in capsys.readouterr().out
+
+
+def test_uniform_haze_is_refused_as_no_object():
+    haze = lambda points: 0.5 * torch.ones(points.shape[0])  # noqa: E731 - depth up to ~0.47, no contrast
+    with pytest.raises(ValueError, match="haze without an object"):
+        convert_nerf_to_dmtet(coarse_scene(haze), fine_scene(), resolution=16, texture_steps=0)
+
+
 def hollow_shell(points: torch.Tensor) -> torch.Tensor:
     """An opaque shell (density 200, 0.1 thick) around a near-empty interior (1e-20) in a faint
     haze (1e-10), as a coarse NeRF that only paints its surface: the interior is hidden."""

@@ -148,15 +148,18 @@ class VisibleSolid:
         return self.boundary_level is None
 
 
-def visible_solid(density_grid: Float[Tensor, "R R R"], voxel: float) -> VisibleSolid:
+def visible_solid(
+    density_grid: Float[Tensor, "R R R"], voxel: float, optical_depth: float = VISIBLE_OPTICAL_DEPTH
+) -> VisibleSolid:
     """The visible solid of a density grid with voxels of side ``voxel`` (see the module docstring).
 
     The set itself, not a density level, is the occupancy: the lowest density inside it fills
     the whole box when an opaque shell hides a near-empty interior (seen on an H100 coarse run:
     level 1.4e-24, 1.2 M of 2.1 M voxels kept). Callers decide what "nothing is opaque" means
-    for them (an error for conversion and export, "no surface" for the evaluator)."""
+    for them (an error for conversion and export, "no surface" for the evaluator).
+    ``optical_depth`` other than ln 2 is for a translucent scene's fallback surface only."""
     depth = optical_depth_from_outside(density_grid, voxel)
-    solid = depth > VISIBLE_OPTICAL_DEPTH
+    solid = depth > optical_depth
     level = float(density_grid[solid & ~eroded(solid)].median()) if bool(solid.any()) else None
     return VisibleSolid(solid, level, float(depth.max()))
 

@@ -13,7 +13,10 @@ the evaluator):
    NeRF's density scale (a soft coarse blob peaking at density 18 renders opaque through its
    thickness but never reaches a fixed "half opacity per voxel" level of 44 at 128^3), and thin
    low-density floaters never become solid. A threshold outside the density range found is an
-   error that reports the range (not a crash later in marching tets).
+   error that reports the range (not a crash later in marching tets). A scene where nothing
+   reaches ln 2 (a coarse run that stayed translucent) still converts, at a quarter of its peak
+   optical depth, with a warning (``translucent_solid``); only a nearly empty scene or a
+   uniform haze is refused.
 3. Remove floaters on the grid: keep the largest 26-connected component of the occupied voxels
    (a flood fill by repeated 3x3x3 max-pooling of voxel labels, restricted to the mask; no
    scipy needed).
@@ -36,6 +39,7 @@ the evaluator):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,7 +48,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from magic3d.ops.voxels import iso_crossings, sample_density_grid, visible_solid
+from magic3d.ops.voxels import VisibleSolid, iso_crossings, sample_density_grid, visible_solid
 from magic3d.scenes.dmtet import DMTetScene
 from magic3d.scenes.hash_nerf import HashGridNeRF
 
@@ -60,6 +64,9 @@ class ConversionReport:
     removed_voxels: int  # occupied voxels outside the largest component (floaters)
     texture_mse_before: float
     texture_mse_after: float
+    # Set when nothing was opaque and the surface is where the optical depth reaches a share of its
+    # peak (``TRANSLUCENT_DEPTH_SHARE``) instead of ln 2 (a translucent coarse scene): that largest value.
+    translucent_max_depth: float | None = None
 
 
 # --------------------------------------------------------------------------------- grid ops
@@ -225,6 +232,39 @@ def surface_band_points(
 
 # --------------------------------------------------------------------------------- converter
 
+# A translucent scene converts only if it is an object: its peak opacity (1 - exp(-depth))
+# reaches 10 % and the fallback solid is at least this many times denser than its outside
+# (a uniform haze has ratio 1, a faint blob in empty space thousands).
+MIN_TRANSLUCENT_DEPTH = 0.1
+MIN_TRANSLUCENT_CONTRAST = 4.0
+# The fallback surface: where the optical depth reaches this share of its peak. A quarter keeps
+# a uniform translucent ball at 80 % of its radius (half would keep 50 %).
+TRANSLUCENT_DEPTH_SHARE = 0.25
+
+
+def translucent_solid(
+    grid: Float[Tensor, "R R R"], voxel: float, max_depth: float, density_range: tuple[float, float]
+) -> VisibleSolid:
+    """The fallback surface of a scene where nothing reaches ln 2: where the optical depth
+    reaches ``TRANSLUCENT_DEPTH_SHARE`` of its peak. A finished coarse run that stayed translucent (an SDS prior too weak to make
+    it opaque) still converts, so its fine stage can run and the run is never lost at the
+    conversion; the conversion report and log say it happened. Fog is refused (see above)."""
+    low, high = density_range
+    refusal = (f"no part of the coarse scene is opaque (largest optical depth from outside {max_depth:.3g} "
+               f"< ln 2; density range [{low:.4g}, {high:.4g}])")
+    if max_depth < MIN_TRANSLUCENT_DEPTH:
+        raise ValueError(f"{refusal} and it is nearly empty (peak opacity {1 - math.exp(-max_depth):.1%} < "
+                         f"{1 - math.exp(-MIN_TRANSLUCENT_DEPTH):.0%}): check that the coarse stage produced "
+                         "an object, or pass a density threshold.")
+    fallback = visible_solid(grid, voxel, optical_depth=TRANSLUCENT_DEPTH_SHARE * max_depth)
+    inside = grid[fallback.solid].median() if bool(fallback.solid.any()) else grid.new_zeros(())
+    outside = grid[~fallback.solid].median() if bool((~fallback.solid).any()) else inside
+    if fallback.is_empty or float(inside) < MIN_TRANSLUCENT_CONTRAST * max(float(outside), 1e-12):
+        raise ValueError(f"{refusal} and its density is a haze without an object (inside/outside density "
+                         f"{float(inside):.3g}/{float(outside):.3g}): check that the coarse stage produced an "
+                         "object, or pass a density threshold.")
+    return fallback
+
 
 def convert_nerf_to_dmtet(
     source: HashGridNeRF,
@@ -246,6 +286,7 @@ def convert_nerf_to_dmtet(
     voxel = 2.0 * radius / resolution
     grid = sample_density_grid(source.density, radius, resolution, device)
     low, high = float(grid.min()), float(grid.max())
+    translucent_depth = None
     if not torch.isfinite(grid).all():
         raise ValueError("the coarse density has non-finite values on the conversion grid; "
                          "the coarse checkpoint is broken")
@@ -255,11 +296,8 @@ def convert_nerf_to_dmtet(
         # density peaks lower yet render opaque through their thickness.
         visible = visible_solid(grid, voxel)
         if visible.is_empty:
-            raise ValueError(
-                f"no part of the coarse scene is opaque (largest optical depth from outside "
-                f"{visible.max_optical_depth:.3g} < ln 2; density range [{low:.4g}, {high:.4g}]): "
-                "check that the coarse stage produced an object, or pass a density threshold."
-            )
+            visible = translucent_solid(grid, voxel, visible.max_optical_depth, (low, high))
+            translucent_depth = visible.max_optical_depth
         occupied, level = visible.solid, visible.boundary_level
     else:
         level = float(threshold)
@@ -301,6 +339,7 @@ def convert_nerf_to_dmtet(
         removed_voxels=int(occupied.sum() - kept.sum()),
         texture_mse_before=before,
         texture_mse_after=after,
+        translucent_max_depth=translucent_depth,
     )
 
 
@@ -315,3 +354,8 @@ def nerf_to_dmtet(source: HashGridNeRF, target: DMTetScene, **settings) -> None:
     print(f"[magic3d] converted the coarse NeRF: density level {report.threshold:.3g}, "
           f"{report.occupied_voxels} voxels kept, {report.removed_voxels} floater voxels removed, "
           f"texture MSE {report.texture_mse_before:.4f} -> {report.texture_mse_after:.4f}", flush=True)
+    if report.translucent_max_depth is not None:
+        print(f"[magic3d] warning: the coarse NeRF is translucent (peak optical depth "
+              f"{report.translucent_max_depth:.3g} < ln 2, opacity < 50 %): its surface was taken where the "
+              "optical depth reaches a quarter of its peak. The coarse stage did not converge to an opaque object.",
+              flush=True)
