@@ -7,13 +7,15 @@
 # Usage: bash scripts/gpu_opacity_study.sh [steps]   (VARIANTS / PROMPTS / STREAMS to change)
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
-STEPS=${1:-600}; STREAMS=${STREAMS:-4}; ONLY=${ONLY:-}  # ONLY=name: one variant
+STEPS=${1:-400}; STREAMS=${STREAMS:-99}; ONLY=${ONLY:-}  # ONLY=name: one variant
+RUN_TIMEOUT=${RUN_TIMEOUT:-470}  # every run is cut here; its metrics so far still count
 nvidia-smi --query-gpu=name --format=csv,noheader
-PROMPTS=("a red cube" "a brown duck" "a cyan chair")
+PROMPTS=("a red cube" "a brown duck")
 # name|overrides (space separated); the paper profile is the recipe's own.
 VARIANTS=("paper|" "sparsity0|model.lambda_sparsity=0"
           "g20|model.guidance.init_args.guidance_scale=20"
-          "g20-sparsity0-opaque|model.guidance.init_args.guidance_scale=20 model.lambda_sparsity=0 model.lambda_opaque=0.1")
+          "g20-sparsity0|model.guidance.init_args.guidance_scale=20 model.lambda_sparsity=0"
+          "g7.5-sparsity0|model.guidance.init_args.guidance_scale=7.5 model.lambda_sparsity=0")
 COMMON=(trainer.max_steps=$STEPS data.steps_per_epoch=$((STEPS / 2)) model.orientation_ramp_steps=$STEPS
         model.albedo_only_steps=$((STEPS / 10)) run.checkpoint_every=$STEPS run.video_views=24)
 start=$(date +%s); mkdir -p /tmp/study /tmp/logs
@@ -29,28 +31,38 @@ run_stream() {
         IFS='|' read -r name p over <<< "${jobs_list[$i]}"
         local slug=${p// /-}
         # shellcheck disable=SC2086
-        timeout 420 python3 -m magic3d run coarse_only --profile "${PROFILE:-full}" --prompt "$p" --run "/tmp/study/$name/$slug" \
+        timeout "$RUN_TIMEOUT" python3 -m magic3d run coarse_only --profile "${PROFILE:-full}" --prompt "$p" --run "/tmp/study/$name/$slug" \
             "${COMMON[@]}" $over > "/tmp/logs/$name-$slug.log" 2>&1
         echo "$name / $p: exit $? after $(( $(date +%s) - start )) s"
     done
 }
-for ((s = 0; s < STREAMS; s++)); do run_stream $s & done
+for ((s = 0; s < STREAMS && s < ${#jobs_list[@]}; s++)); do run_stream $s & done
+(sleep 150; nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader | sed 's/^/GPU at 150 s: /') &
 wait
 echo "runs done after $(( $(date +%s) - start )) s"
+for v in "${VARIANTS[@]}"; do  # grade every variant at once
+    name=${v%%|*}
+    [ -d "/tmp/study/$name" ] || continue
+    (timeout "${EVAL_SECONDS:-90}" python3 -m magic3d.eval prompts "/tmp/study/$name" > "/tmp/logs/eval-$name.log" 2>&1
+     echo "exit $?" >> "/tmp/logs/eval-$name.log") &
+done
+wait
 for v in "${VARIANTS[@]}"; do
     name=${v%%|*}
     [ -d "/tmp/study/$name" ] || continue
-    python3 -m magic3d.eval prompts "/tmp/study/$name" > "/tmp/logs/eval-$name.log" 2>&1
-    echo "== $name (eval exit $?)"; head -20 "/tmp/study/$name/eval_summary.md" 2>/dev/null
+    echo "== $name (eval $(tail -1 "/tmp/logs/eval-$name.log"))"; head -20 "/tmp/study/$name/eval_summary.md" 2>/dev/null
     for d in /tmp/study/$name/*/coarse; do
         csv=$(ls -t "$d"/logs/*/metrics.csv 2>/dev/null | head -1)
         [ -n "$csv" ] && python3 - "$csv" "$d" <<'PY'
 import csv, sys
 rows = [r for r in csv.DictReader(open(sys.argv[1])) if r.get("train/opacity_mean")]
+def mean_near(step):  # mean over the logged rows within 20 steps of `step`
+    vals = [float(r["train/opacity_mean"]) for r in rows if abs(int(float(r.get("step", 0))) - step) <= 20]
+    return f"{sum(vals) / len(vals):.3f}" if vals else "-"
 if rows:
-    tail = rows[-10:]
-    print(f"  {sys.argv[2].split('/')[-2]}: opacity_mean end {sum(float(r['train/opacity_mean']) for r in tail) / len(tail):.3f}"
-          f" (step {rows[-1].get('step')})")
+    last = int(float(rows[-1].get("step", 0)))
+    trail = " ".join(f"{s}:{mean_near(s)}" for s in (20, 100, 200, 300, last))
+    print(f"  {sys.argv[2].split('/')[-2]}: opacity_mean by step {trail}")
 PY
     done
 done
