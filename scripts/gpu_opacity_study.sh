@@ -7,7 +7,8 @@
 # Usage: bash scripts/gpu_opacity_study.sh [steps]   (VARIANTS / PROMPTS / STREAMS to change)
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
-STEPS=${1:-400}; STREAMS=${STREAMS:-5}  # a paper-profile run takes 14-24 GB: 5 fit in an H200's 140; ONLY=${ONLY:-}  # ONLY=name: one variant
+STEPS=${1:-400}; STREAMS=${STREAMS:-5}  # a paper-profile run takes 14-24 GB: 5 fit in an H200's 140
+ONLY=${ONLY:-}  # ONLY=name: one variant
 RUN_TIMEOUT=${RUN_TIMEOUT:-470}  # every run is cut here; its metrics so far still count
 nvidia-smi --query-gpu=name --format=csv,noheader
 IFS=, read -r -a PROMPTS <<< "${PROMPTS:-a red cube,a brown duck}"  # comma separated
