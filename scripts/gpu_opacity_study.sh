@@ -7,7 +7,7 @@
 # Usage: bash scripts/gpu_opacity_study.sh [steps]   (VARIANTS / PROMPTS / STREAMS to change)
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
-STEPS=${1:-400}; STREAMS=${STREAMS:-5}  # a paper-profile run takes 14-24 GB: 5 fit in an H200's 140
+STEPS=${1:-400}; STREAMS=${STREAMS:-3}  # a paper-profile run peaks at 25-35 GB: 3 fit in an H200's 140 (5 ran out)
 ONLY=${ONLY:-}  # ONLY=name: one variant
 RUN_TIMEOUT=${RUN_TIMEOUT:-470}  # every run is cut here; its metrics so far still count
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -19,7 +19,8 @@ VARIANTS=("paper|" "sparsity0|model.lambda_sparsity=0"
           "g7.5-sparsity0|model.guidance.init_args.guidance_scale=7.5 model.lambda_sparsity=0")
 COMMON=(trainer.max_steps=$STEPS data.steps_per_epoch=$((STEPS / 2)) model.orientation_ramp_steps=$STEPS
         model.albedo_only_steps=$((STEPS / 10)) run.checkpoint_every=$STEPS run.video_views=24)
-start=$(date +%s); mkdir -p /tmp/study /tmp/logs
+start=$(date +%s); rm -rf /tmp/study /tmp/logs /tmp/pack; mkdir -p /tmp/study /tmp/logs
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 jobs_list=()
 for v in "${VARIANTS[@]}"; do
     name=${v%%|*}; over=${v#*|}

@@ -210,3 +210,19 @@ def test_an_intact_but_unloadable_checkpoint_is_not_moved_away(tmp_path: Path) -
         latest_valid_checkpoint(tmp_path)
     assert not isinstance(caught.value, CorruptCheckpoint)
     assert (tmp_path / "last.ckpt").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: Adam keeps `step` on the CPU beside CUDA moments")
+def test_non_finite_check_handles_optimiser_state_on_two_devices() -> None:
+    from magic3d.checkpoints import first_non_finite
+
+    model = nn.Linear(4, 4).cuda()
+    optimiser = torch.optim.Adam(model.parameters())
+    model(torch.ones(2, 4, device="cuda")).sum().backward()
+    optimiser.step()
+    checkpoint = {"state_dict": model.state_dict(), "optimizer_states": [optimiser.state_dict()]}
+    assert {t.device.type for t in optimiser.state_dict()["state"][0].values()} == {"cpu", "cuda"}
+    assert first_non_finite(checkpoint) is None
+    optimiser.state_dict()["state"][0]["exp_avg"].fill_(float("nan"))
+    assert first_non_finite(checkpoint) == "optimiser state"

@@ -118,7 +118,10 @@ def first_non_finite(checkpoint: dict) -> str | None:
         floats = [t for t in _tensors(tree) if t.is_floating_point() and t.numel() > 0]
         if not floats:
             continue
-        finite = torch.stack([torch.isfinite(t).all() for t in floats])
+        # Optimiser state mixes devices (Adam's `step` counters stay on the CPU beside CUDA
+        # moments): the flags gather on one device before the stack, copies of scalars only.
+        device = next((t.device for t in floats if t.device.type != "cpu"), floats[0].device)
+        finite = torch.stack([torch.isfinite(t).all().to(device, non_blocking=True) for t in floats])
         if not bool(finite.all()):
             if what == "weights":
                 names = [k for k, v in tree.items() if v.is_floating_point() and v.numel() > 0]
