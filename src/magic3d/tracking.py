@@ -6,7 +6,9 @@ Each training attempt of a stage is one W&B run (offline unless the user is logg
 (:class:`WandbRunRecord`: id, project, mode, group, job type); when the stage finishes it adds
 the run's last W&B step. An evaluation then resumes that run by id and logs its table one step
 later: wandb starts ``_step`` at 0 again when an offline run is resumed (the server only knows
-better online), so the explicit step keeps the synced history in order either way.
+better online), so the explicit step keeps the synced history in order either way. Offline,
+the resumed run is a second folder with the same id; ``wandb sync`` (0.24 and later) given both
+folders uploads them in order of their start into one run.
 
 Media are logged from the files the stage writes anyway (the preview PNGs, ``turntable.mp4``),
 so W&B shows exactly what is on disk and nothing is encoded twice. A failure to log media never
