@@ -194,8 +194,8 @@ def _run_view(run_dir: Path, index: int, building: Path, out_dir: Path, export_m
     evaluated = {entry.get("stage"): entry.get("metrics") for entry in (report or {}).get("stages", [])}
     cards = []
     for stage_dir in stages(run_dir):
-        summary = stage_summary(stage_dir) or {}
-        card = StageView(name=stage_dir.name, finished=bool(summary), summary=summary,
+        summary = stage_summary(stage_dir)
+        card = StageView(name=stage_dir.name, finished=summary is not None, summary=summary or {},
                          metrics=evaluated.get(stage_dir.name))
         video = stage_dir / "turntable.mp4"
         if video.is_file():
