@@ -106,3 +106,15 @@ def test_run_record_round_trip_and_unreadable(tmp_path: Path) -> None:
         warnings.simplefilter("always")
         assert WandbRunRecord.load(tmp_path) is None
     assert any("cannot be resumed" in str(w.message) for w in caught)
+
+
+def test_nothing_is_logged_when_wandb_is_disabled_now(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from magic3d.tracking import log_to_stage_run
+
+    WandbRunRecord(id="abc123", project="magic3d", name="run/coarse", mode="offline", last_step=5).save(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert log_to_stage_run(tmp_path, {"eval/metrics": (["a"], [[1]])}, {"eval/a": 1}) is None
+    assert sorted(p.name for p in (tmp_path / "wandb").iterdir()) == ["magic3d-run.json"]
+    assert WandbRunRecord.load(tmp_path).last_step == 5
+    monkeypatch.delenv("WANDB_MODE")
+    assert log_to_stage_run(tmp_path / "no-stage", {}, {}) is None  # a stage that trained without W&B
