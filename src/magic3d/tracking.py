@@ -12,7 +12,7 @@ folders uploads them in order of their start into one run.
 
 Media are logged from the files the stage writes anyway (the preview PNGs, ``turntable.mp4``),
 so W&B shows exactly what is on disk and nothing is encoded twice. A failure to log media never
-stops training: it is reported once as a warning.
+stops training: it is a warning (Python shows each distinct one once).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def record_finished(logger: WandbLogger, stage_dir: Path | str, summary: dict[st
         record.save(stage_dir)
 
 
-def _warn_once(what: str, err: Exception) -> None:
+def _warn_not_logged(what: str, err: Exception) -> None:
     warnings.warn(f"W&B: could not log {what} ({type(err).__name__}: {err}); training goes on", stacklevel=3)
 
 
@@ -123,7 +123,7 @@ def log_image_file(logger: WandbLogger | None, key: str, image: Path | Any, step
     try:
         logger.log_image(key=key, images=[str(image) if isinstance(image, Path) else image], step=step)
     except Exception as err:  # noqa: BLE001 - an upload problem must never stop training
-        _warn_once(f"image {key}", err)
+        _warn_not_logged(f"image {key}", err)
 
 
 def log_video_file(logger: WandbLogger | None, key: str, path: Path, step: int) -> None:
@@ -134,7 +134,7 @@ def log_video_file(logger: WandbLogger | None, key: str, path: Path, step: int) 
     try:
         logger.log_video(key=key, videos=[str(path)], step=step)
     except Exception as err:  # noqa: BLE001 - the video is on disk either way
-        _warn_once(f"video {key}", err)
+        _warn_not_logged(f"video {key}", err)
 
 
 def wandb_disabled_by_environment() -> bool:
