@@ -33,7 +33,7 @@ GPUS_ARG = $(if $(value gpus),$(call q,trainer.devices=$(value gpus)) $(if $(fil
 OVERRIDES_ARG = $(foreach word,$(value overrides),$(call q,$(word)))
 
 .DEFAULT_GOAL := run
-.PHONY: run help setup test test-gpu bench bench-priors notebook clean-cache priors eval mutate
+.PHONY: run help setup test test-gpu bench bench-priors notebook clean-cache priors eval mutate view
 
 run: $(SETUP_STAMP) ## Run a recipe: make recipe=NAME prompt="..." [seed=N] [run=FOLDER] [profile=cpu|full] [gpus=N] [overrides="key=value ..."]
 	$(PY) -m magic3d run $(RECIPE_ARG) $(call opt,--prompt,prompt) $(call opt,--seed,seed) $(call opt,--profile,profile) $(call opt,--run,run) $(GPUS_ARG) $(OVERRIDES_ARG)
@@ -80,3 +80,7 @@ priors: $(SETUP_STAMP) ## Retrain the embedded priors and evaluator on a GPU (re
 eval: $(SETUP_STAMP) ## Evaluate a run against the toy world: make eval run=runs/<recipe>/<name>
 	@test -n $(call q,$(value run)) || { echo "usage: make eval run=runs/<recipe>/<name>"; exit 2; }
 	$(PY) -m magic3d.eval run $(call q,$(value run))
+
+view: $(SETUP_STAMP) ## Offline HTML page of a run's meshes (orbit), turntables, metrics: make view run=RUN (or an ablation folder)
+	@test -n $(call q,$(value run)) || { echo "usage: make view run=runs/<recipe>/<name> (or runs/ablations/<name>)"; exit 2; }
+	$(PY) -m magic3d view $(call q,$(value run))

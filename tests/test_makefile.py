@@ -91,6 +91,11 @@ def test_eval_run_folder_is_passed_verbatim(tmp_path: Path) -> None:
     assert _make(tmp_path, f"run={folder}", target="eval") == ["-m", "magic3d.eval", "run", folder]
 
 
+def test_view_run_folder_is_passed_verbatim(tmp_path: Path) -> None:
+    folder = "runs/a `x` $HOME"
+    assert _make(tmp_path, f"run={folder}", target="view") == ["-m", "magic3d", "view", folder]
+
+
 def test_mutate_runs_the_mutation_tool_without_arguments(tmp_path: Path) -> None:
     assert _make(tmp_path, target="mutate") == ["scripts/mutate.py"]
 

@@ -35,6 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--mesh-resolution", type=int, default=128,
                         help="grid cubes per axis for the surface of a NeRF (default 128)")
 
+    view = sub.add_parser("view", help="write an offline HTML page of a run's meshes, turntables and metrics")
+    view.add_argument("folder", type=Path,
+                      help="a run folder (runs/<recipe>/<name>), or a folder of runs (runs/ablations/<name>)")
+    view.add_argument("--no-export", action="store_true",
+                      help="do not export the meshes of finished stages that lack export/mesh.glb")
+    view.add_argument("--texture-resolution", type=int, default=1024, help="for the meshes it exports")
+    view.add_argument("--mesh-resolution", type=int, default=128, help="for the meshes it exports (NeRF grid)")
+
     sub.add_parser("recipes", help="list recipes")
     return parser
 
@@ -83,6 +91,20 @@ def main(argv: list[str] | None = None) -> int:
             for path in export_stage(args.stage_dir, texture_resolution=args.texture_resolution,
                                      mesh_resolution=args.mesh_resolution):
                 print(path)
+            return 0
+        if args.command == "view":
+            from magic3d.viewer.page import view
+
+            page = view(args.folder, export_missing=not args.no_export,
+                        texture_resolution=args.texture_resolution, mesh_resolution=args.mesh_resolution)
+            cards = [card for run in page.runs for card in run.stages]
+            for run in page.runs:
+                for card in run.stages:
+                    if card.mesh_error:
+                        print(f"[magic3d] {run.title}/{card.name}: {card.mesh_error}", file=sys.stderr)
+            print(f"[magic3d] wrote {page.index} ({len(page.runs)} run(s), "
+                  f"{sum(c.mesh_id is not None for c in cards)} of {len(cards)} stage(s) with a mesh); "
+                  f"open {page.index.resolve().as_uri()}")
             return 0
         if args.command == "stage":
             from magic3d.stage import run_stage

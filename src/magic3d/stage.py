@@ -63,6 +63,9 @@ class RunOptions:
         video_fps: frames per second of the turntable video.
         video_views: frames of the turntable (one full orbit).
         wandb: "auto" (online when logged in, else offline), "offline", "online" or "off".
+        wandb_group: W&B run group, so the runs of one study appear together (the ablation
+            runner sets it to the ablation's name).
+        wandb_job_type: W&B job type within the group (the ablation runner sets the variant).
     """
 
     checkpoint_every: PositiveInt = 100
@@ -70,6 +73,8 @@ class RunOptions:
     video_fps: PositiveInt = 30
     video_views: PositiveInt = 60
     wandb: str = "auto"
+    wandb_group: str | None = None
+    wandb_job_type: str | None = None
 
 
 @runtime_checkable
@@ -184,7 +189,9 @@ def _wandb_mode(option: str) -> str | None:
     return "offline"
 
 
-def _loggers(stage_dir: Path, run: RunOptions, name: str) -> list:
+def _loggers(stage_dir: Path, run: RunOptions, name: str, config: dict) -> list:
+    """CSV always; W&B unless it is off, with the stage's resolved ``config`` as the run config
+    and the ablation's group and job type."""
     from lightning.pytorch.loggers import CSVLogger
 
     loggers = [CSVLogger(save_dir=str(stage_dir), name="logs", flush_logs_every_n_steps=50)]
@@ -194,7 +201,8 @@ def _loggers(stage_dir: Path, run: RunOptions, name: str) -> list:
             from magic3d.quiet import wandb_logger
 
             loggers.append(wandb_logger(save_dir=str(stage_dir), project="magic3d", name=name,
-                                       offline=(mode == "offline"), log_model=False))
+                                       offline=(mode == "offline"), log_model=False, config=config,
+                                       group=run.wandb_group, job_type=run.wandb_job_type))
         except (ImportError, ModuleNotFoundError):
             warnings.warn("wandb is not installed: logging to CSV only", stacklevel=1)
     return loggers
@@ -225,6 +233,7 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
     from magic3d.distributed import per_rank_batch_size, resolve_strategy
     from magic3d.interrupt import StopOnInterrupt
     from magic3d.quiet import finish_wandb, wandb_run_line
+    from magic3d.tracking import record_finished, record_run, wandb_logger_of
 
     config = with_default_classes(load_yaml(config_path))
     parser, cfg = validate_stage_config(config, where=str(config_path))
@@ -260,7 +269,7 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
     trainer = L.Trainer(
         **trainer_kwargs,
         default_root_dir=str(stage_dir),
-        logger=_loggers(stage_dir, run, name=f"{stage_dir.parent.name}/{stage_dir.name}"),
+        logger=_loggers(stage_dir, run, name=f"{stage_dir.parent.name}/{stage_dir.name}", config=config),
         callbacks=[periodic, stop, TQDMProgressBar(refresh_rate=10)],
         plugins=[checkpoint_io],
         enable_checkpointing=False,  # PeriodicCheckpoints writes them (no -v1 copies, checksums)
@@ -274,10 +283,10 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
         if trainer.is_global_zero:
             print(f"[magic3d] resuming from {found.path} (step {found.step})", flush=True)
     start_step = found.step if found is not None else 0
-    if trainer.is_global_zero:
-        for logger in trainer.loggers:
-            if type(logger).__name__ == "WandbLogger":
-                print(wandb_run_line(logger.experiment), flush=True)
+    wandb_run = wandb_logger_of(trainer.loggers)
+    if trainer.is_global_zero and wandb_run is not None:
+        print(wandb_run_line(wandb_run.experiment), flush=True)
+        record_run(wandb_run, stage_dir, group=run.wandb_group, job_type=run.wandb_job_type)
     started = time.time()
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(found.path) if found else None, weights_only=True)
     fit_seconds = time.time() - started
@@ -303,5 +312,7 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
         }
         summary.update(model.finish_stage(datamodule, run.video_fps, run.video_views))
         (stage_dir / "DONE.json").write_text(json.dumps(summary, indent=2))
+        if wandb_run is not None:
+            record_finished(wandb_run, stage_dir, summary)
         finish_wandb()
         print(f"[magic3d] stage finished: {stage_dir}", flush=True)

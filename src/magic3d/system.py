@@ -14,14 +14,16 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from magic3d.checkpoints import StageStart, start_scene
 from magic3d.guidance.base import Guidance
 from magic3d.scenes.base import Scene
+from magic3d.tracking import log_image_file, log_video_file, wandb_logger_of
 from magic3d.types import CameraBatch, RenderOutput, Shading
-from magic3d.visuals import preview_grid, save_png
+from magic3d.visuals import preview_grid, save_png, to_uint8
 
 GUIDANCE_GROUP_PREFIX = "guidance/"  # lr_overrides key of a guidance parameter group
 
@@ -173,6 +175,7 @@ class TextTo3D(L.LightningModule):
 
         video = self.output_dir / "turntable.mp4"
         render_turntable(self, datamodule, video, fps=video_fps, n_views=video_views)
+        log_video_file(self._wandb_logger(), "turntable", video, step=self.global_step)
         return {"video": str(video), "prompt": self.prompt, "skipped_steps": int(self.skipped_steps)}
 
     # ------------------------------------------------------------------------------ training
@@ -312,11 +315,14 @@ class TextTo3D(L.LightningModule):
 
     @rank_zero_only
     def _write_image(self, image: Tensor, name: str, key: str) -> None:
-        if self.output_dir is not None:
-            save_png(image, self.output_dir / name)
-        logger = self.logger
-        if logger is not None and hasattr(logger, "log_image"):
-            try:
-                logger.log_image(key=key, images=[image.numpy()], step=self.global_step)
-            except Exception:  # noqa: BLE001 - an image upload must never stop training
-                pass
+        """The PNG into the stage folder, and the same picture to W&B when the trainer logs there."""
+        path = None if self.output_dir is None else self.output_dir / name
+        if path is not None:
+            save_png(image, path)
+        wandb_run = self._wandb_logger()
+        if wandb_run is not None:
+            log_image_file(wandb_run, key, path if path is not None else to_uint8(image), self.global_step)
+
+    def _wandb_logger(self) -> WandbLogger | None:
+        """The trainer's W&B logger; None when W&B is off or no trainer is attached."""
+        return wandb_logger_of(self.trainer.loggers) if self._trainer is not None else None

@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from magic3d.quiet import quiet_libraries
+
+    quiet_libraries()  # before wandb is imported (an evaluation logs into the stages' W&B runs)
     args = _parser().parse_args(argv)
     from magic3d.config import ConfigError
 
@@ -146,6 +149,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         result = evaluate_run(args.run_dir, options, args.stage, args.classifier, args.device)
         print(result.markdown_path.read_text())
         print(f"wrote {result.json_path}, {result.markdown_path}, {result.sheet_path}")
+        for record in result.wandb_runs:
+            where = f"`wandb sync {Path(record.sync_dir).parent}/offline-run-*-{record.id}`" if record.mode == "offline" else "online"
+            print(f"logged the evaluation into W&B run {record.name} ({record.id}; {where})")
         return 0
     aggregate = aggregate_runs(args.folder, options, args.classifier, args.device, args.reevaluate)
     print(aggregate.markdown_path.read_text())

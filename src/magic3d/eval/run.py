@@ -1,7 +1,8 @@
 """Evaluate a run: every finished stage (or one), and each stage against the stage it started
 from, written to ``<run>/eval/``: eval.json, eval.md (stage x metric table, plus a
 side-by-side table with ``stage - source`` per metric for the fine stage of
-``coarse_to_fine``) and contact_sheet.png."""
+``coarse_to_fine``) and contact_sheet.png; and, for stages that trained with W&B, into their
+W&B runs (``eval/wandb_report.py``)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from magic3d.eval.markdown import run_markdown
 from magic3d.eval.options import REPORT_VERSION, EvalOptions
 from magic3d.eval.scene import StageResult
 from magic3d.eval.stage import evaluate_stage, stages_to_evaluate
+from magic3d.eval.wandb_report import log_run_eval
+from magic3d.tracking import WandbRunRecord
 
 EVAL_DIR = "eval"  # <run>/eval/ holds a run's reports
 
@@ -33,6 +36,7 @@ class RunEval:
     markdown_path: Path
     sheet_path: Path
     comparisons: list[StageComparison] = field(default_factory=list)
+    wandb_runs: list[WandbRunRecord] = field(default_factory=list)  # W&B runs the evaluation was logged into
 
 
 def evaluate_run(
@@ -78,4 +82,5 @@ def evaluate_run(
     md_path = out / "eval.md"
     md_path.write_text(run_markdown(run_dir, results, options, report["classifier"]))
     sheet_path = save_contact_sheet(results, out / "contact_sheet.png")
-    return RunEval(str(run_dir), results, json_path, md_path, sheet_path, comparisons)
+    wandb_runs = log_run_eval(run_dir, results, comparisons, sheet_path)
+    return RunEval(str(run_dir), results, json_path, md_path, sheet_path, comparisons, wandb_runs)
