@@ -32,11 +32,18 @@ GPUS_ARG = $(if $(value gpus),$(call q,trainer.devices=$(value gpus)) $(if $(fil
 # overrides="key=value ...": split at whitespace (as before), each word passed verbatim.
 OVERRIDES_ARG = $(foreach word,$(value overrides),$(call q,$(word)))
 
+# --- prompt-based editing (issue 11, recipes) ---
+# edit="...": the prompt of the recipe's `prompt: edit` stages (make recipe=edit prompt="a red cube"
+# edit="a blue cube"); base=RUN: take the stages on the base prompt from that finished run.
+unexport edit
+EDIT_ARGS = $(call opt,--edit,edit) $(call opt,--base,base)
+# --- end prompt-based editing ---
+
 .DEFAULT_GOAL := run
 .PHONY: run help setup test test-gpu bench bench-priors notebook clean-cache priors eval mutate view
 
-run: $(SETUP_STAMP) ## Run a recipe: make recipe=NAME prompt="..." [seed=N] [run=FOLDER] [profile=cpu|full] [gpus=N] [overrides="key=value ..."]
-	$(PY) -m magic3d run $(RECIPE_ARG) $(call opt,--prompt,prompt) $(call opt,--seed,seed) $(call opt,--profile,profile) $(call opt,--run,run) $(GPUS_ARG) $(OVERRIDES_ARG)
+run: $(SETUP_STAMP) ## Run a recipe: make recipe=NAME prompt="..." [edit="..."] [base=RUN] [seed=N] [run=FOLDER] [profile=cpu|full] [gpus=N] [overrides="key=value ..."]
+	$(PY) -m magic3d run $(RECIPE_ARG) $(call opt,--prompt,prompt) $(EDIT_ARGS) $(call opt,--seed,seed) $(call opt,--profile,profile) $(call opt,--run,run) $(GPUS_ARG) $(OVERRIDES_ARG)
 
 $(SETUP_STAMP): pyproject.toml scripts/setup.sh
 	@bash scripts/setup.sh

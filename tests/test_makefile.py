@@ -49,7 +49,7 @@ def _make(tmp_path: Path, *assignments: str, target: str = "run") -> list[str]:
     stamp.touch()  # newer than pyproject.toml and scripts/setup.sh: setup is not run
     env = {k: v for k, v in os.environ.items()
            if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "recipe", "prompt", "run", "seed", "profile",
-                        "gpus", "overrides"}}
+                        "gpus", "overrides", "edit", "base"}}
     env["ARGV_OUT"] = str(out)
     result = subprocess.run(["make", "-s", "-C", str(ROOT), target, f"PY={fake}", f"SETUP_STAMP={stamp}",
                              *assignments],
@@ -80,6 +80,13 @@ def test_every_option_given_is_passed_verbatim(tmp_path: Path) -> None:
     assert argv == ["-m", "magic3d", "run", "coarse_only", "--prompt", "a cube", "--seed", "0", "--profile", "cpu",
                     "--run", "runs/x y", "trainer.devices=2", "trainer.strategy=ddp",
                     "trainer.max_steps=5", "coarse:model.x=$HOME", "c='d'"]
+
+
+def test_edit_prompt_and_base_run_are_passed_verbatim(tmp_path: Path) -> None:
+    edit = "a `touch PWNED` blue $HOME cube".replace("PWNED", str(tmp_path / "PWNED"))
+    argv = _make(tmp_path, "recipe=edit", "prompt=a red cube", f"edit={edit}", "base=runs/coarse_only/a 'x'")
+    assert argv == ["-m", "magic3d", "run", "edit", "--prompt", "a red cube", "--edit", edit,
+                    "--base", "runs/coarse_only/a 'x'"]
 
 
 def test_one_gpu_needs_no_ddp(tmp_path: Path) -> None:

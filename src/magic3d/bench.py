@@ -3,7 +3,10 @@
 Coarse iteration time at 64x64 for several batch sizes with a random-weight UNet of DeepFloyd
 IF-I-XL's size (built from its config; compute equals the real model's), split into
 render (forward + backward through the scene), guidance (UNet with CFG) and optimiser step,
-plus hash-grid encode throughput. Timings use CUDA events after warm-up.
+plus hash-grid encode throughput. With ``--fine``: the fine stage's components and iteration
+(DMTet + latent SDS at 512x512) and the fine-NeRF ablation's iteration (the coarse hash-grid NeRF
+rendered at 256x256, upsampled to 512x512 for latent SDS, recomputed in camera chunks) at batch 8
+and 32. Timings use CUDA events after warm-up; every measurement needs a CUDA GPU.
 """
 
 from __future__ import annotations
@@ -231,6 +234,93 @@ def fine_components() -> dict[str, float]:
             "marching_tets_faces": float(mesh.faces.shape[0]), "tets": float(grid.tets.shape[0])}
 
 
+FINE_NERF_BATCH_SIZES = (8, 32)  # the fine stage's batch (§4.3) and a quarter of it
+
+
+@dataclass
+class FineNerfTiming:
+    batch_size: int
+    iteration_ms: float
+    render_fwd_ms: float  # chunked NeRF render at 256^2 (checkpointed: activations of one chunk kept)
+    guidance_ms: float  # upsample to 512^2 + VAE encode with grad + UNet with CFG + SDS target
+    backward_ms: float  # through the VAE encoder, then each chunk re-rendered and back-propagated
+    optimizer_ms: float
+    peak_gib: float
+    samples_per_ray: float
+    error: str = ""  # e.g. out of memory at this batch size
+
+
+def fine_nerf_iteration(batch_sizes=FINE_NERF_BATCH_SIZES, iters: int = 5, warmup: int = 2,
+                        resolution: int = 256, n_samples_per_ray: int = 512, grid_resolution: int = 256,
+                        recompute_chunk_cameras: int = 4, guidance=None) -> list[FineNerfTiming]:
+    """The fine-NeRF ablation's iteration (recipes/stages/fine_nerf.yaml): the paper-size hash-grid
+    NeRF rendered at ``resolution``, latent SDS with a random SD-2.1-base-sized VAE and UNet
+    (bf16; the renders are upsampled to its 512^2), backward, Adam step.
+
+    The occupancy grid is refreshed from the blob start before timing, as a warm-started fine
+    stage finds it already pruned; a coarse-trained object would be smaller than the blob, so
+    these times are an upper bound for the samples per ray printed beside them.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("fine_nerf_iteration needs a CUDA GPU; none was found.")
+    from magic3d.data.cameras import CameraRanges, sample_random_cameras
+    from magic3d.scenes.hash_nerf import HashGridNeRF
+    from magic3d.types import Shading
+
+    device = torch.device("cuda")
+    guidance = guidance if guidance is not None else _random_sd_guidance(device)
+    ranges = CameraRanges(elevation_deg=(-10.0, 45.0), fovy_deg=(30.0, 45.0))  # the fine stage's
+    results = []
+    for batch in batch_sizes:
+        torch.manual_seed(0)
+        scene = HashGridNeRF(n_samples_per_ray=n_samples_per_ray, grid_resolution=grid_resolution,
+                             recompute_chunk_cameras=recompute_chunk_cameras).to(device)
+        optimizer = torch.optim.Adam(scene.parameters(), lr=1e-2, eps=1e-15)
+        generator = torch.Generator().manual_seed(0)
+        for step in range(20):  # leave the all-occupied warm-up, as the coarse stage has
+            scene.update_step(step * scene.grid_update_every)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        totals = dict.fromkeys((*_PARTS, "spr"), 0.0)
+        error = ""
+        try:
+            for i in range(warmup + iters):
+                cams = sample_random_cameras(ranges, batch, resolution, resolution, generator).to(device)
+                shading = Shading(mode="lambertian", ambient=torch.full((batch,), 0.3, device=device))
+                parts, render = _timed_iteration(scene, guidance, optimizer, cams, shading, device)
+                if i >= warmup:
+                    for key, value in parts.items():
+                        totals[key] += value / iters
+                    totals["spr"] += float(render.samples_per_ray or 0) / iters
+        except torch.OutOfMemoryError:
+            error = "out of memory"
+        except Exception as exc:  # noqa: BLE001 - one failing row must not lose the other rows' numbers
+            error = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+        results.append(FineNerfTiming(
+            batch_size=batch, iteration_ms=totals["iter"], render_fwd_ms=totals["render"],
+            guidance_ms=totals["guidance"], backward_ms=totals["backward"], optimizer_ms=totals["optim"],
+            peak_gib=torch.cuda.max_memory_allocated(device) / 2**30, samples_per_ray=totals["spr"], error=error))
+        del scene, optimizer
+        torch.cuda.empty_cache()
+    return results
+
+
+def fine_nerf_markdown(rows: list[FineNerfTiming], resolution: int = 256) -> str:
+    lines = ["", f"Fine-NeRF ablation iteration (recipes/stages/fine_nerf.yaml): paper-size hash-grid NeRF "
+             f"rendered at {resolution}² in chunks of 4 cameras under activation checkpointing, 512 samples "
+             "per ray, 256³ occupancy grid, upsampled to 512² for latent SDS with a random-weight "
+             "SD-2.1-base-sized VAE and UNet (bf16).", "",
+             "| batch | iteration ms | render fwd ms | guidance ms | backward ms | optimiser ms | peak GiB | samples/ray |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.batch_size} | {r.error} | | | | | {r.peak_gib:.1f} | |")
+        else:
+            lines.append(f"| {r.batch_size} | {r.iteration_ms:.1f} | {r.render_fwd_ms:.1f} | {r.guidance_ms:.1f} | "
+                         f"{r.backward_ms:.1f} | {r.optimizer_ms:.1f} | {r.peak_gib:.1f} | {r.samples_per_ray:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -265,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--append", type=Path, default=None, help="append the table to this markdown file")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--fine", action="store_true", help="also the fine-stage components")
+    parser.add_argument("--fine", action="store_true",
+                        help="also the fine stage (components, DMTet iteration) and the fine-NeRF ablation")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("make bench needs a CUDA GPU; none was found.")
@@ -284,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"{parts['marching_tets_ms']:.1f} ms.\n\n| batch | latent SDS step ms (512², SD-2.1-base size) | peak GiB |\n|---|---|---|\n")
         report += "".join(f"| {r.batch_size} | {r.step_ms:.1f} | {r.peak_gib:.1f} |\n" for r in latent)
         report += fine_markdown(fine_iteration(tuple(args.batch_sizes), guidance=sd))
+        report += fine_nerf_markdown(fine_nerf_iteration(guidance=sd))
     print(report)
     if args.append is not None:
         with open(args.append, "a") as handle:

@@ -22,6 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--run", type=Path, default=None, help="existing run folder to continue")
     run.add_argument("--runs-root", type=Path, default=Path("runs"))
     run.add_argument("--profile", default=None, help="auto | cpu | full (default auto, or the run's)")
+    run.add_argument("--edit", default=None,
+                     help="edited prompt for the recipe's `prompt: edit` stages (recipe edit; default: the run's)")
+    run.add_argument("--base", type=Path, default=None,
+                     help="finished run whose stages on the base prompt are used instead of running them again")
     run.add_argument("overrides", nargs="*", help="key.path=value, or stage:key.path=value")
 
     stage = sub.add_parser("stage", help="run one stage from a resolved config (used by run)")
@@ -77,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 run_recipe(args.recipe, prompt=args.prompt, seed=args.seed, overrides=args.overrides or None,
-                           run_dir=args.run, runs_root=args.runs_root, profile=args.profile)
+                           run_dir=args.run, runs_root=args.runs_root, profile=args.profile, edit=args.edit,
+                           base=args.base)
             except StageInterrupted as err:
                 print(f"[magic3d] {err}", file=sys.stderr)
                 return err.code

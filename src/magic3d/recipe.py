@@ -4,7 +4,14 @@ Run folder layout: ``runs/<recipe>/<prompt-slug>-<time>/<stage>/`` holding ``con
 (resolved), ``checkpoints/`` (last + periodic), ``logs/`` (metrics CSV, per attempt),
 ``wandb/``, ``val/`` and ``train/`` images, ``turntable.mp4`` and ``DONE.json``.
 Running again on an existing run folder continues each unfinished stage from its last
-checkpoint; finished stages (``DONE.json``) are skipped.
+checkpoint; finished stages (``DONE.json``) are skipped. ``run.json`` records how the run was
+started (recipe, prompt, edit prompt, base run, seed, profile, overrides).
+
+Prompts per stage: a recipe stage runs on the run's prompt, or with ``prompt: edit`` on its
+edit prompt (``edit=`` / ``--edit``), e.g. prompt-based editing (§6): coarse on "a red cube",
+then the edit and fine stages on "a blue cube". A base run (``base=RUN`` / ``--base``) supplies
+every stage on the base prompt from its own finished stages: they are read from there (never
+copied or changed), and only the stages on the edit prompt run in the new folder.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from magic3d.stage import SEED_RANGE, with_default_classes
 
 DEFAULT_RECIPE = "coarse_to_fine"
 
+STAGE_PROMPTS = ("base", "edit")  # a recipe stage's `prompt:`: the run's prompt, or its edit prompt
+
 RUN_SETTINGS = "run.json"
 
 
@@ -50,6 +59,7 @@ class StageSpec:
     config: Path
     cpu_profile: Path | None
     start: RecipeStart = field(default_factory=RecipeStart)
+    prompt: str = "base"  # one of STAGE_PROMPTS
 
 
 @dataclass
@@ -62,6 +72,11 @@ class Recipe:
     @property
     def stage_names(self) -> list[str]:
         return [s.name for s in self.stages]
+
+    @property
+    def edit_stage_names(self) -> list[str]:
+        """Stages that run on the edit prompt (``prompt: edit``)."""
+        return [s.name for s in self.stages if s.prompt == "edit"]
 
 
 def available_recipes() -> list[str]:
@@ -95,12 +110,20 @@ def load_recipe(name: str) -> Recipe:
             )
         if start.mode == "convert" and start.from_stage and not start.converter:
             raise ConfigError(f"Recipe {name}, stage {entry['name']}: mode convert needs a converter")
+        stage_prompt = entry.get("prompt", "base")
+        if stage_prompt not in STAGE_PROMPTS:
+            raise ConfigError(f"Recipe {name}, stage {entry['name']}: prompt must be one of {STAGE_PROMPTS} "
+                              f"(the run's prompt or its edit prompt), got {stage_prompt!r}")
+        unknown = sorted(set(entry) - {"name", "config", "cpu_profile", "start", "prompt"})
+        if unknown:
+            raise ConfigError(f"Recipe {name}, stage {entry['name']}: unknown keys {unknown}")
         profile = entry.get("cpu_profile")
         stages.append(StageSpec(
             name=entry["name"],
             config=recipes_dir() / entry["config"],
             cpu_profile=recipes_dir() / profile if profile else None,
             start=start,
+            prompt=stage_prompt,
         ))
         seen.add(entry["name"])
     if not stages:
@@ -147,19 +170,24 @@ def split_overrides(overrides: list[str], recipe: Recipe) -> dict[str | None, li
 
 
 def compose_stage(
-    spec: StageSpec, prompt: str, seed: int, overrides: list[str], profile: str, run_dir: Path
+    spec: StageSpec, prompt: str, seed: int, overrides: list[str], profile: str, run_dir: Path,
+    *, stage_dirs: dict[str, Path] | None = None,
 ) -> dict:
     """The resolved config of one stage: stage file, CPU profile, prompt/seed, overrides.
 
+    ``prompt`` is this stage's (the run's, or its edit prompt: :meth:`RunSettings.prompt_for`).
     ``overrides`` are this stage's (already split by :func:`split_overrides`; a plain list
     may still hold ``stage:key=value`` entries for other stages, which are skipped).
+    ``stage_dirs`` names the folders of earlier stages that are not ``run_dir / name`` (the
+    stages a base run supplies); the stage starts from that folder's last checkpoint.
     """
     config = with_default_classes(load_composed(spec.config))
     if profile == "cpu" and spec.cpu_profile is not None:
         config = deep_merge(config, with_init_args(load_composed(spec.cpu_profile)))
     config = deep_merge(config, {"seed": seed, "model": {"init_args": {"prompt": prompt}}})
     if spec.start.from_stage is not None:
-        source = run_dir / spec.start.from_stage / "checkpoints" / "last.ckpt"
+        source_dir = (stage_dirs or {}).get(spec.start.from_stage, run_dir / spec.start.from_stage)
+        source = source_dir / "checkpoints" / "last.ckpt"
         # The stage file (or its CPU profile) may set start.converter_args, e.g. a coarser
         # conversion grid on CPU; the recipe decides where the stage starts from.
         config["start"] = {**(config.get("start") or {}), "checkpoint": str(source),
@@ -201,13 +229,28 @@ def announce_cpu_profile(recipe: Recipe) -> None:
 
 @dataclass
 class RunSettings:
-    """What a run was started with (``run.json``), so ``run=FOLDER`` alone continues it."""
+    """What a run was started with (``run.json``), so ``run=FOLDER`` alone continues it.
+
+    ``edit``: the prompt of the recipe's ``prompt: edit`` stages; ``base``: the run folder that
+    supplies its stages on the base prompt (None: they run in this folder).
+    """
 
     recipe: str
     prompt: str
     seed: int
     profile: str
     overrides: list[str] = field(default_factory=list)
+    edit: str | None = None
+    base: str | None = None
+
+    def prompt_for(self, spec: StageSpec) -> str:
+        """The prompt a stage runs on."""
+        if spec.prompt == "edit":
+            if not self.edit:
+                raise ConfigError(f"Stage {spec.name} runs on the edit prompt, which this run has none of: "
+                                  'pass edit="the edited prompt".')
+            return self.edit
+        return self.prompt
 
     @classmethod
     def load(cls, run_dir: Path) -> RunSettings | None:
@@ -250,12 +293,13 @@ def stage_has_started(stage_dir: Path) -> bool:
 
 def resolve_settings(
     name: str | None, prompt: str | None, seed: int | None, overrides: list[str] | None,
-    profile: str | None, run_dir: Path | None,
+    profile: str | None, run_dir: Path | None, edit: str | None = None, base: Path | str | None = None,
 ) -> tuple[RunSettings, RunSettings | None]:
     """The settings to run with, and the ones the existing run folder was started with.
 
     On a continue, anything not given comes from the run; anything given that differs is
-    checked later against the stages that have already started.
+    checked later against the stages that have already started. With a base run, the prompt
+    (and the profile, unless given) default to the base run's.
     """
     stored = RunSettings.load(run_dir) if run_dir is not None and run_dir.is_dir() else None
     if stored is not None and stored.recipe and name is not None and name != stored.recipe:
@@ -263,6 +307,21 @@ def resolve_settings(
                           f"continue it with recipe={stored.recipe} (or leave recipe out).")
     name = name or (stored.recipe if stored is not None and stored.recipe else None) or DEFAULT_RECIPE
     recipe = load_recipe(name)
+    if edit is None and stored is not None:
+        edit = stored.edit
+    if base is None and stored is not None and stored.base:
+        base = stored.base
+    base = None if base is None else str(base)
+    edit = check_edit(recipe, edit)
+    if base is not None and (stored is None or stored.base != base or base_still_needed(recipe, run_dir)):
+        base_settings = check_base_run(recipe, Path(base), run_dir)
+        if prompt is None and stored is None:
+            prompt = base_settings.prompt
+        elif prompt is not None and prompt != base_settings.prompt:
+            raise ConfigError(f"prompt={prompt!r} is not the base run's prompt {base_settings.prompt!r}: its stages "
+                              "were made with that one. Leave prompt= out (it is taken from base=) or drop base=.")
+        if profile is None and stored is None and base_settings.profile:
+            profile = base_settings.profile  # the warm start needs the base run's scene sizes
     if prompt is None:
         prompt = stored.prompt if stored is not None else recipe.default_prompt
     if not prompt or not prompt.strip():
@@ -274,9 +333,59 @@ def resolve_settings(
     if overrides is None:
         overrides = list(stored.overrides) if stored is not None else []
     settings = RunSettings(recipe=name, prompt=prompt, seed=check_seed(seed), profile=resolve_profile(profile),
-                           overrides=list(overrides))
+                           overrides=list(overrides), edit=edit, base=base)
     split_overrides(settings.overrides, recipe)  # an unknown stage prefix fails here
     return settings, stored
+
+
+def check_edit(recipe: Recipe, edit: str | None) -> str | None:
+    """The edit prompt, required by (and only by) a recipe with ``prompt: edit`` stages."""
+    stages = recipe.edit_stage_names
+    if edit is not None and not edit.strip():
+        edit = None
+    if stages and edit is None:
+        raise ConfigError(f"Recipe {recipe.name} runs {', '.join(stages)} on an edited prompt: pass it with "
+                          f'edit="..." (e.g. make recipe={recipe.name} prompt="a red cube" edit="a blue cube").')
+    if edit is not None and not stages:
+        raise ConfigError(f"Recipe {recipe.name} has no stage on an edited prompt (prompt: edit), so edit= has "
+                          "nothing to do: drop it, or use a recipe that edits (e.g. recipe=edit).")
+    return edit
+
+
+def base_stage_names(recipe: Recipe) -> list[str]:
+    """Stages a base run supplies: every stage on the base prompt."""
+    return [s.name for s in recipe.stages if s.prompt == "base"]
+
+
+def base_still_needed(recipe: Recipe, run_dir: Path | None) -> bool:
+    """Whether a stage that starts from the base run's stages has not started yet (so a
+    continued run whose base run has since moved goes on from its own checkpoints)."""
+    supplied = set(base_stage_names(recipe))
+    return any(spec.start.from_stage in supplied and (run_dir is None or not stage_has_started(run_dir / spec.name))
+               for spec in recipe.stages if spec.name not in supplied)
+
+
+def check_base_run(recipe: Recipe, base: Path, run_dir: Path | None) -> RunSettings:
+    """The base run's settings, once it is known to hold every stage it must supply, finished."""
+    if not recipe.edit_stage_names:
+        raise ConfigError(f"Recipe {recipe.name} has no stage on an edited prompt, so base= has nothing to start "
+                          "from: drop it, or use a recipe that edits (e.g. recipe=edit).")
+    if not base.is_dir():
+        raise ConfigError(f"base={base} does not exist: pass the folder of a finished run (runs/<recipe>/<name>).")
+    if (base / "config.yaml").is_file():
+        raise ConfigError(f"base={base} is a stage folder: pass its run folder, base={base.parent}.")
+    if run_dir is not None and base.resolve() == Path(run_dir).resolve():
+        raise ConfigError(f"base={base} is the run folder itself: pass another run's folder, or drop base=.")
+    for name in base_stage_names(recipe):
+        stage_dir = base / name
+        if not (stage_dir / "DONE.json").is_file() or not (stage_dir / "checkpoints" / "last.ckpt").is_file():
+            state = "unfinished" if stage_dir.is_dir() else "missing"
+            raise ConfigError(f"base={base} has no finished stage '{name}' ({state}): finish it first "
+                              f"(make run={base}), or drop base= to run {name} here.")
+    settings = RunSettings.load(base)
+    if settings is None or not settings.prompt:
+        raise ConfigError(f"base={base} records no prompt (no run.json, no stage config): it is not a run folder.")
+    return settings
 
 
 def settings_changed(settings: RunSettings, stored: RunSettings | None) -> bool:
@@ -306,28 +415,38 @@ def run_recipe(
     run_dir: Path | None = None,
     runs_root: Path = Path("runs"),
     profile: str | None = None,
+    edit: str | None = None,
+    base: Path | str | None = None,
 ) -> Path:
     """Run (or continue) every stage of a recipe; returns the run folder.
 
     Arguments left as None take the run folder's settings on a continue (``run.json``), or
-    the defaults (recipe coarse_to_fine, its default prompt, seed 0, profile auto).
+    the defaults (recipe coarse_to_fine, its default prompt, seed 0, profile auto). ``edit`` is
+    the prompt of the recipe's ``prompt: edit`` stages; ``base`` a run folder whose finished
+    stages on the base prompt are used instead of running them here.
     """
-    settings, stored = resolve_settings(name, prompt, seed, overrides, profile, run_dir)
+    settings, stored = resolve_settings(name, prompt, seed, overrides, profile, run_dir, edit, base)
     recipe = load_recipe(settings.recipe)
     if settings.profile == "cpu":
         announce_cpu_profile(recipe)
     if run_dir is None:
-        run_dir = runs_root / recipe.name / f"{slugify(settings.prompt)}-{time.strftime('%Y%m%d-%H%M%S')}"
+        title = settings.prompt if settings.edit is None else f"{settings.prompt} to {settings.edit}"
+        run_dir = runs_root / recipe.name / f"{slugify(title)}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(run_dir)
     created_run_dir = not run_dir.exists()
 
     # Compose and validate every stage before running any, so a typo fails in seconds.
     from magic3d.stage import validate_stage_config
 
+    # Stages a base run supplies are read from there: never composed, run or written here.
+    supplied = {name: Path(settings.base) / name for name in base_stage_names(recipe)} if settings.base else {}
     resolved = {}
     for spec in recipe.stages:
+        if spec.name in supplied:
+            continue
         stage_dir = run_dir / spec.name
-        config = compose_stage(spec, settings.prompt, settings.seed, settings.overrides, settings.profile, run_dir)
+        config = compose_stage(spec, settings.prompt_for(spec), settings.seed, settings.overrides, settings.profile,
+                               run_dir, stage_dirs=supplied)
         existing = stage_dir / "config.yaml"
         if existing.is_file():
             previous = with_default_classes(load_yaml(existing))
@@ -347,6 +466,9 @@ def run_recipe(
     print(f"[magic3d] run folder: {run_dir}", flush=True)
     for spec in recipe.stages:
         stage_dir = run_dir / spec.name
+        if spec.name in supplied:
+            print(f"[magic3d] stage {spec.name}: taken from the base run ({supplied[spec.name]})", flush=True)
+            continue
         if (stage_dir / "DONE.json").is_file():
             print(f"[magic3d] stage {spec.name}: already finished, skipping", flush=True)
             continue

@@ -2,6 +2,7 @@
 
   python -m magic3d.eval train-classifier --out priors/evaluator --minutes 3 [--smoke]
   python -m magic3d.eval run RUN_FOLDER [--views 16] [--stage NAME] [--resolution 512] [--classifier priors/evaluator]
+  python -m magic3d.eval edit BASE_RUN EDIT_RUN [--scratch RUN] [--views 16] [--resolution 512]
   python -m magic3d.eval prompts FOLDER_OF_RUNS [--resolution 512] [--reevaluate]
   python -m magic3d.eval prior PIPELINE_FOLDER [--n-per-caption 8] [--steps 50] [--guidance-scale 5]
   python -m magic3d.eval robustness [--n-images 2000] [--classifier priors/evaluator]
@@ -56,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stage", default=None, help="evaluate only this stage (even if unfinished)")
     _add_views(run)
     _add_common(run)
+
+    edit = commands.add_parser("edit", help="edit metrics of a prompt-based edit: the edited attribute, what "
+                                             "was kept, and the edited prompt from scratch (writes edit.json/.md)")
+    edit.add_argument("base_run", type=Path, help="the run (or stage folder) the edit started from; the edit "
+                                                  "run itself when it made its own coarse stage")
+    edit.add_argument("edit_run", type=Path, help="the edit run (its last finished stage is the edited result)")
+    edit.add_argument("--scratch", type=Path, default=None, help="a run of the edited prompt from scratch")
+    _add_views(edit)
+    _add_common(edit)
 
     prompts = commands.add_parser("prompts", help="evaluate every run under a folder and average per stage")
     prompts.add_argument("folder", type=Path)
@@ -145,6 +155,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     options = EvalOptions(views=args.views, elevation_deg=args.elevation, chamfer_resolution=args.chamfer_resolution,
                           chamfer_points=args.chamfer_points, resolution=args.resolution,
                           **({} if args.iou_size is None else {"iou_size": args.iou_size}))
+    if args.command == "edit":
+        from magic3d.eval.edit_run import evaluate_edit
+
+        _, json_path, md_path = evaluate_edit(args.base_run, args.edit_run, args.scratch, options, args.classifier,
+                                              args.device)
+        print(md_path.read_text())
+        print(f"wrote {json_path}, {md_path}")
+        return 0
     if args.command == "run":
         result = evaluate_run(args.run_dir, options, args.stage, args.classifier, args.device)
         print(result.markdown_path.read_text())

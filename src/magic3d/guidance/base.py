@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from magic3d.data.cameras import view_index
 from magic3d.guidance.frozen import FrozenPipeline, InMemoryParts, PipelineLayout
 from magic3d.guidance.loading import cfg_unet_outputs
+from magic3d.guidance.perp_neg import PerpNegPrompts, perp_neg_noise, perp_neg_prompts
 from magic3d.guidance.prompts import PromptEmbeddings
 from magic3d.types import CameraBatch, GuidanceOutput
 
@@ -210,6 +211,10 @@ class ScoreDistillation(nn.Module):
         max_batch_per_unet_call: split the 2B-sample CFG forward into chunks of at most this
             many samples to bound activation memory; None runs it in one call.
         enable_channels_last: channels-last frozen models on CUDA (faster convolutions).
+        perp_neg: Perp-Neg (:mod:`magic3d.guidance.perp_neg`): the positive prompt interpolated
+            by azimuth between the view prompts, the neighbouring views as negative prompts
+            (their guidance perpendicular to the positive's, weighted by azimuth). Twice the
+            UNet samples per step; needs ``view_dependent_prompting``.
     """
 
     LAYOUT: ClassVar[PipelineLayout]
@@ -230,8 +235,12 @@ class ScoreDistillation(nn.Module):
         variant: str | None = None,
         max_batch_per_unet_call: int | None = None,
         enable_channels_last: bool = False,
+        perp_neg: bool = False,
     ) -> None:
         super().__init__()
+        if perp_neg and not view_dependent_prompting:
+            raise ValueError("perp_neg=True needs view_dependent_prompting=True: its prompts are the view prompts "
+                             "(set model.guidance.view_dependent_prompting=true, or drop perp_neg).")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting={weighting!r} is unknown: use one of {WEIGHTINGS}.")
         if grad_clip is not None and grad_clip <= 0:
@@ -245,6 +254,7 @@ class ScoreDistillation(nn.Module):
         self.view_dependent_prompting = view_dependent_prompting
         self.max_batch_per_unet_call = max_batch_per_unet_call
         self.enable_channels_last = enable_channels_last
+        self.perp_neg = perp_neg
         self.schedule = TimestepSchedule(
             min_step_percent, max_step_percent, tuple(anneal_to) if anneal_to else None
         )
@@ -328,6 +338,10 @@ class ScoreDistillation(nn.Module):
         if self.frozen.needs_placing(rgb.device):
             self._place(rgb.device)
         x = self.to_model_space(rgb)
+        if self.perp_neg:
+            prompts = perp_neg_prompts(self.embeddings, cameras.elevation, cameras.azimuth)
+            uncond = self.embeddings.uncond.expand(x.shape[0], *self.embeddings.uncond.shape)
+            return self.distill(x, lambda x_t, t: self.predict_noise_perp_neg(x_t, t, prompts, uncond), progress)
         views = view_index(cameras.elevation, cameras.azimuth)
         cond, uncond = self.embeddings.embeddings_for(views, self.view_dependent_prompting)
         return self.distill(x, lambda x_t, t: self.predict_noise(x_t, t, cond, uncond), progress)
@@ -349,6 +363,23 @@ class ScoreDistillation(nn.Module):
             eps = self.noise_from_output(output, torch.cat([x_t, x_t]).float(), torch.cat([t, t]))
         eps_cond, eps_uncond = eps.chunk(2)
         return eps_cond, eps_uncond
+
+    def predict_noise_perp_neg(
+        self,
+        x_t: Float[Tensor, "B C H W"],
+        t: Int[Tensor, "B"],
+        prompts: PerpNegPrompts,
+        uncond: Float[Tensor, "B L D"],
+    ) -> tuple[Float[Tensor, "B C H W"], Float[Tensor, "B C H W"]]:
+        """(Perp-Neg's conditional noise, eps_uncond): classifier-free guidance of the pair is
+        Perp-Neg's guidance (:func:`~magic3d.guidance.perp_neg.perp_neg_noise`).
+
+        Two CFG batches of 2B through the UNet: [positive; uncond] and the two negative views.
+        """
+        eps_positive, eps_uncond = self.predict_noise(x_t, t, prompts.positive, uncond)
+        eps_first, eps_second = self.predict_noise(x_t, t, prompts.negatives[:, 0], prompts.negatives[:, 1])
+        eps_negatives = torch.stack([eps_first, eps_second], dim=1)
+        return perp_neg_noise(eps_positive, eps_uncond, eps_negatives, prompts.weights.to(x_t.device)), eps_uncond
 
     def distill(
         self,

@@ -12,13 +12,14 @@ fine stage does, so the look does not jump at the NeRF -> mesh conversion; for a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from magic3d.data.rays import camera_rays
 from magic3d.ops.hashgrid import HashGrid, hashgrid_encode
@@ -70,6 +71,32 @@ class FieldQuery:
     normal: Float[Tensor, "P 3"] | None = None  # unit, pointing out of the object
 
 
+def join_renders(parts: list[RenderOutput]) -> RenderOutput:
+    """One output from renders of consecutive camera chunks of equal resolution.
+
+    Images are concatenated along the batch. Every NeRF regulariser and ``samples_per_ray`` is
+    a mean over rays, and each chunk has ``batch * H * W`` rays, so the joined value is the
+    mean of the chunks' values weighted by their batch sizes: the value one render of the
+    whole batch gives (up to float summation order).
+    """
+    sizes = [p.rgb.shape[0] for p in parts]
+    total = float(sum(sizes))
+
+    def cat(name: str) -> Tensor | None:
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    regularisers = {
+        name: sum(p.regularisers[name] * (n / total) for p, n in zip(parts, sizes))
+        for name in parts[0].regularisers
+    }
+    per_ray = [p.samples_per_ray for p in parts]
+    samples_per_ray = None if per_ray[0] is None else sum(s * n for s, n in zip(per_ray, sizes)) / total
+    return RenderOutput(rgb=cat("rgb"), opacity=cat("opacity"), depth=cat("depth"), normal=cat("normal"),
+                        albedo=cat("albedo"), background=cat("background"), regularisers=regularisers,
+                        samples_per_ray=samples_per_ray)
+
+
 class HashGridNeRF(SceneModule):
     """Hash-grid NeRF over [-radius, radius]^3 (Magic3D coarse stage).
 
@@ -92,6 +119,12 @@ class HashGridNeRF(SceneModule):
     blob start): render + backward 43 ms predicted, 196 ms analytic, 172 ms finite
     difference; peak memory 7, 30 and 42 GiB. ``background`` defaults to a fresh
     :class:`EnvironmentMapBackground`.
+
+    ``recompute_chunk_cameras`` N > 0 bounds the memory of large training renders (the fine
+    NeRF at 256^2, batch 32): the batch is rendered N cameras at a time under activation
+    checkpointing, so forward keeps only each chunk's outputs and backward re-renders one
+    chunk at a time (one extra render forward per step). The RNG state is saved per chunk, so
+    the re-render draws the same stratified samples. 0 renders the batch in one graph.
     """
 
     def __init__(
@@ -116,6 +149,7 @@ class HashGridNeRF(SceneModule):
         grid_update_every: int = 10,
         grid_opacity_threshold: float = 0.01,
         grid_warmup_steps: int = 256,
+        recompute_chunk_cameras: int = 0,
         background: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -129,6 +163,9 @@ class HashGridNeRF(SceneModule):
             raise ValueError(f"radius={radius} and blob_radius={blob_radius} must be positive")
         if grid_update_every < 1:
             raise ValueError(f"grid_update_every={grid_update_every} must be >= 1")
+        if recompute_chunk_cameras < 0:
+            raise ValueError(f"recompute_chunk_cameras={recompute_chunk_cameras} must be >= 0 (0: no recompute)")
+        self.recompute_chunk_cameras = recompute_chunk_cameras
         self.radius = float(radius)
         self.density_activation = density_activation
         self.density_bias = density_bias
@@ -228,6 +265,28 @@ class HashGridNeRF(SceneModule):
     # ----------------------------------------------------------------------------- scene API
 
     def render(self, cameras: CameraBatch, shading: Shading) -> RenderOutput:
+        chunk = self.recompute_chunk_cameras
+        if chunk > 0 and cameras.batch_size > chunk and torch.is_grad_enabled():
+            return self._render_recomputed(cameras, shading, chunk)
+        return self._render_batch(cameras, shading)
+
+    def _render_recomputed(self, cameras: CameraBatch, shading: Shading, chunk: int) -> RenderOutput:
+        """:meth:`_render_batch` over chunks of ``chunk`` cameras, each under activation
+        checkpointing, joined into one output (regularisers: ray-weighted means, as one call)."""
+        parts = []
+        for start in range(0, cameras.batch_size, chunk):
+            part = cameras[start: start + chunk]
+
+            # The camera tensors go in as arguments (not only inside the CameraBatch): checkpoint
+            # saves the RNG state of the devices its tensor arguments live on, CUDA included.
+            def render_part(c2w: Tensor, ambient: Tensor, part: CameraBatch = part) -> RenderOutput:
+                return self._render_batch(replace(part, c2w=c2w), Shading(mode=shading.mode, ambient=ambient))
+
+            parts.append(checkpoint(render_part, part.c2w, shading.ambient[start: start + chunk],
+                                    use_reentrant=False))
+        return join_renders(parts)
+
+    def _render_batch(self, cameras: CameraBatch, shading: Shading) -> RenderOutput:
         b, h, w = cameras.batch_size, cameras.height, cameras.width
         rays = camera_rays(cameras)
         origins, dirs = rays.origins.reshape(-1, 3), rays.directions.reshape(-1, 3)
