@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from torch import Tensor
 from magic3d.ops.marching_tets import Mesh, marching_tets
 from magic3d.ops.raster import interpolate, rasterize
 from magic3d.ops.tetgrid import make_tet_grid
-from magic3d.ops.voxels import sample_density_grid, visible_solid
+from magic3d.ops.voxels import sample_density_grid, translucent_solid, visible_solid
 from magic3d.scenes.base import DensityField, Scene
 from magic3d.scenes.dmtet import vertex_normals
 
@@ -393,14 +394,20 @@ def largest_component(mesh: Mesh) -> Mesh:
 def visible_density_level(density_fn, radius: float, resolution: int, device) -> float:
     """Median density where the part that looks solid from outside (optical depth > ln 2 along
     the cheapest axis direction) meets the outside: robust to the density scale of a soft
-    coarse NeRF and to a near-empty interior behind an opaque shell."""
+    coarse NeRF and to a near-empty interior behind an opaque shell. A translucent scene (no
+    depth reaches ln 2) takes the conversion's fallback, a quarter of its peak depth, with a
+    warning on stderr; a nearly empty scene or a haze is refused."""
     grid = sample_density_grid(density_fn, radius, resolution, device)
-    visible = visible_solid(grid, 2.0 * radius / resolution)
-    if visible.boundary_level is None:
-        raise ValueError(
-            f"nerf_mesh: nothing in the scene is opaque (density range [{float(grid.min()):.4g}, "
-            f"{float(grid.max()):.4g}] on a {resolution}^3 grid); train the scene longer or pass a threshold"
-        )
+    voxel = 2.0 * radius / resolution
+    visible = visible_solid(grid, voxel)
+    if visible.is_empty:
+        try:
+            visible = translucent_solid(grid, voxel, visible.max_optical_depth, "scene")
+        except ValueError as err:
+            raise ValueError(f"nerf_mesh: {err} (on a {resolution}^3 grid)") from None
+        print(f"[magic3d] warning: the NeRF is translucent (peak optical depth {visible.max_optical_depth:.3g} "
+              "< ln 2): its mesh is the surface where the optical depth reaches a quarter of its peak.",
+              file=sys.stderr, flush=True)
     return visible.boundary_level
 
 

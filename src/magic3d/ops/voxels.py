@@ -12,7 +12,8 @@ optical depth accumulated from outside the grid, along the cheapest of the six a
 directions, exceeds ln 2 (transmittance below one half). Unlike a fixed density level it
 follows the rendered surface whatever the NeRF's density scale: a soft NeRF whose density
 never reaches "half opacity over one voxel" still renders opaque through its thickness, and
-faint floaters never become solid.
+faint floaters never become solid. A scene where nothing reaches ln 2 (a coarse run that
+stayed translucent) has one fallback, shared too: ``translucent_solid``.
 """
 
 from __future__ import annotations
@@ -192,3 +193,36 @@ def visible_surface_points(density_grid: Float[Tensor, "R R R"], radius: float) 
         s = torch.where(face >= ln2, in_outer_half, in_inner_half).clamp(0.0, 1.0)
         found.append(_edge_points(index, dim, sign, 1.0 - s, radius, resolution))
     return torch.cat(found) if found else density_grid.new_zeros(0, 3)
+
+
+# A translucent scene converts only if it is an object: its peak opacity (1 - exp(-depth))
+# reaches 10 % and the fallback solid is at least this many times denser than its outside
+# (a uniform haze has ratio 1, a faint blob in empty space thousands).
+MIN_TRANSLUCENT_DEPTH = 0.1
+MIN_TRANSLUCENT_CONTRAST = 4.0
+# The fallback surface: where the optical depth reaches this share of its peak. A quarter keeps
+# a uniform translucent ball at 80 % of its radius (half would keep 50 %).
+TRANSLUCENT_DEPTH_SHARE = 0.25
+
+
+def translucent_solid(grid: Float[Tensor, "R R R"], voxel: float, max_depth: float, what: str = "scene") -> VisibleSolid:
+    """The fallback surface of a scene where nothing reaches ln 2: where the optical depth
+    reaches ``TRANSLUCENT_DEPTH_SHARE`` of its peak. A finished coarse run that stayed
+    translucent (an SDS prior too weak to make it opaque) still converts and exports, so its
+    fine stage can run and the run is never lost there; callers say that it happened. A nearly
+    empty scene and fog are refused (ValueError naming ``what``, e.g. "coarse scene")."""
+    low, high = float(grid.min()), float(grid.max())
+    refusal = (f"no part of the {what} is opaque (largest optical depth from outside {max_depth:.3g} "
+               f"< ln 2; density range [{low:.4g}, {high:.4g}])")
+    if max_depth < MIN_TRANSLUCENT_DEPTH:
+        raise ValueError(f"{refusal} and it is nearly empty (peak opacity {1 - math.exp(-max_depth):.1%} < "
+                         f"{1 - math.exp(-MIN_TRANSLUCENT_DEPTH):.0%}): check that the coarse stage produced "
+                         "an object, or pass a density threshold.")
+    fallback = visible_solid(grid, voxel, optical_depth=TRANSLUCENT_DEPTH_SHARE * max_depth)
+    inside = grid[fallback.solid].median() if bool(fallback.solid.any()) else grid.new_zeros(())
+    outside = grid[~fallback.solid].median() if bool((~fallback.solid).any()) else inside
+    if fallback.is_empty or float(inside) < MIN_TRANSLUCENT_CONTRAST * max(float(outside), 1e-12):
+        raise ValueError(f"{refusal} and its density is a haze without an object (inside/outside density "
+                         f"{float(inside):.3g}/{float(outside):.3g}): check that the coarse stage produced an "
+                         "object, or pass a density threshold.")
+    return fallback

@@ -39,7 +39,6 @@ the evaluator):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from magic3d.ops.voxels import VisibleSolid, iso_crossings, sample_density_grid, visible_solid
+from magic3d.ops.voxels import VisibleSolid, iso_crossings, sample_density_grid, translucent_solid, visible_solid
 from magic3d.scenes.dmtet import DMTetScene
 from magic3d.scenes.hash_nerf import HashGridNeRF
 
@@ -232,40 +231,6 @@ def surface_band_points(
 
 # --------------------------------------------------------------------------------- converter
 
-# A translucent scene converts only if it is an object: its peak opacity (1 - exp(-depth))
-# reaches 10 % and the fallback solid is at least this many times denser than its outside
-# (a uniform haze has ratio 1, a faint blob in empty space thousands).
-MIN_TRANSLUCENT_DEPTH = 0.1
-MIN_TRANSLUCENT_CONTRAST = 4.0
-# The fallback surface: where the optical depth reaches this share of its peak. A quarter keeps
-# a uniform translucent ball at 80 % of its radius (half would keep 50 %).
-TRANSLUCENT_DEPTH_SHARE = 0.25
-
-
-def translucent_solid(
-    grid: Float[Tensor, "R R R"], voxel: float, max_depth: float, density_range: tuple[float, float]
-) -> VisibleSolid:
-    """The fallback surface of a scene where nothing reaches ln 2: where the optical depth
-    reaches ``TRANSLUCENT_DEPTH_SHARE`` of its peak. A finished coarse run that stayed translucent (an SDS prior too weak to make
-    it opaque) still converts, so its fine stage can run and the run is never lost at the
-    conversion; the conversion report and log say it happened. Fog is refused (see above)."""
-    low, high = density_range
-    refusal = (f"no part of the coarse scene is opaque (largest optical depth from outside {max_depth:.3g} "
-               f"< ln 2; density range [{low:.4g}, {high:.4g}])")
-    if max_depth < MIN_TRANSLUCENT_DEPTH:
-        raise ValueError(f"{refusal} and it is nearly empty (peak opacity {1 - math.exp(-max_depth):.1%} < "
-                         f"{1 - math.exp(-MIN_TRANSLUCENT_DEPTH):.0%}): check that the coarse stage produced "
-                         "an object, or pass a density threshold.")
-    fallback = visible_solid(grid, voxel, optical_depth=TRANSLUCENT_DEPTH_SHARE * max_depth)
-    inside = grid[fallback.solid].median() if bool(fallback.solid.any()) else grid.new_zeros(())
-    outside = grid[~fallback.solid].median() if bool((~fallback.solid).any()) else inside
-    if fallback.is_empty or float(inside) < MIN_TRANSLUCENT_CONTRAST * max(float(outside), 1e-12):
-        raise ValueError(f"{refusal} and its density is a haze without an object (inside/outside density "
-                         f"{float(inside):.3g}/{float(outside):.3g}): check that the coarse stage produced an "
-                         "object, or pass a density threshold.")
-    return fallback
-
-
 def convert_nerf_to_dmtet(
     source: HashGridNeRF,
     target: DMTetScene,
@@ -296,7 +261,7 @@ def convert_nerf_to_dmtet(
         # density peaks lower yet render opaque through their thickness.
         visible = visible_solid(grid, voxel)
         if visible.is_empty:
-            visible = translucent_solid(grid, voxel, visible.max_optical_depth, (low, high))
+            visible = translucent_solid(grid, voxel, visible.max_optical_depth, "coarse scene")
             translucent_depth = visible.max_optical_depth
         occupied, level = visible.solid, visible.boundary_level
     else:
