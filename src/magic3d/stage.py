@@ -63,6 +63,9 @@ class RunOptions:
         video_fps: frames per second of the turntable video.
         video_views: frames of the turntable (one full orbit).
         wandb: "auto" (online when logged in, else offline), "offline", "online" or "off".
+        wandb_group: W&B run group, so the runs of one study appear together (the ablation
+            runner sets it to the ablation's name).
+        wandb_job_type: W&B job type within the group (the ablation runner sets the variant).
     """
 
     checkpoint_every: PositiveInt = 100
@@ -70,6 +73,8 @@ class RunOptions:
     video_fps: PositiveInt = 30
     video_views: PositiveInt = 60
     wandb: str = "auto"
+    wandb_group: str | None = None
+    wandb_job_type: str | None = None
 
 
 @runtime_checkable
