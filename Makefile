@@ -23,7 +23,7 @@ endef
 q = '$(subst $(NL),'$$'\n'',$(subst ','\'',$1))'
 # $(call opt,--flag,var): `--flag 'value'` when var is set and not empty, else nothing.
 opt = $(if $(value $2),$1 $(call q,$(value $2)))
-unexport recipe prompt run seed profile gpus overrides subject base
+unexport recipe prompt run seed profile gpus overrides subject base name recipes variants prompts seeds baseline
 
 # recipe: as given; else coarse_to_fine for a new run; a continued run (run=FOLDER) keeps its own.
 RECIPE_ARG = $(if $(value recipe),$(call q,$(value recipe)),$(if $(value run),,coarse_to_fine))
@@ -33,7 +33,7 @@ GPUS_ARG = $(if $(value gpus),$(call q,trainer.devices=$(value gpus)) $(if $(fil
 OVERRIDES_ARG = $(foreach word,$(value overrides),$(call q,$(word)))
 
 .DEFAULT_GOAL := run
-.PHONY: run help setup test test-gpu bench bench-priors notebook clean-cache priors eval mutate
+.PHONY: run help setup test test-gpu bench bench-priors notebook clean-cache priors eval mutate ablation
 
 run: $(SETUP_STAMP) ## Run a recipe: make recipe=NAME prompt="..." [seed=N] [run=FOLDER] [profile=cpu|full] [gpus=N] [overrides="key=value ..."]
 	$(PY) -m magic3d run $(RECIPE_ARG) $(call opt,--prompt,prompt) $(call opt,--seed,seed) $(call opt,--profile,profile) $(call opt,--run,run) $(GPUS_ARG) $(OVERRIDES_ARG)
@@ -80,3 +80,8 @@ priors: $(SETUP_STAMP) ## Retrain the embedded priors and evaluator on a GPU (re
 eval: $(SETUP_STAMP) ## Evaluate a run against the toy world: make eval run=runs/<recipe>/<name>
 	@test -n $(call q,$(value run)) || { echo "usage: make eval run=runs/<recipe>/<name>"; exit 2; }
 	$(PY) -m magic3d.eval run $(call q,$(value run))
+
+# --- ablation (issue 11) ---
+ablation: $(SETUP_STAMP) ## Variants x prompts x seeds, evaluated (resumable): make ablation [name=NAME] [recipes="a b"] [variants=FILE] [prompts=FILE] [seeds=N] [baseline=V] [overrides="..."]
+	$(PY) -m magic3d ablation $(call opt,--name,name) $(call opt,--recipes,recipes) $(call opt,--variants,variants) $(call opt,--prompts,prompts) $(call opt,--seeds,seeds) $(call opt,--baseline,baseline) $(call opt,--profile,profile) $(OVERRIDES_ARG)
+# --- end ablation ---

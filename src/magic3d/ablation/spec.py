@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,14 +225,14 @@ def resolve_spec(
     baseline: str | None = None,
     overrides: list[str] | None = None,
     profile: str | None = None,
-    stored: AblationSpec | None = None,
-    stored_for: Any = None,
+    stored_for: Callable[[str], AblationSpec | None] | None = None,
 ) -> AblationSpec:
     """The ablation to run, from (in order of precedence) the command line, a spec file, the
-    stored ablation of the same name (a continue), and the defaults (``ablations/paper.yaml``).
+    stored ablation of the same name (a continue), and the defaults (``ablations/paper.yaml``
+    with ``ablations/toy12.txt``, one seed).
 
-    ``stored_for(name)`` returns the stored spec of an ablation name, or None; it is asked once
-    the name is known (``stored`` may be passed directly instead).
+    ``stored_for(name)`` returns the spec a stored ablation of that name was run with, or None
+    (:func:`magic3d.ablation.runner.stored_spec`): with no variants given, it is continued.
     """
     file = load_spec_file(variants_file) if variants_file is not None else None
     if name is None:
@@ -242,8 +243,7 @@ def resolve_spec(
         else:
             name = Path(DEFAULT_SPEC).stem
     check_name(name, "Ablation name")
-    if stored is None and stored_for is not None:
-        stored = stored_for(name)
+    stored = stored_for(name) if stored_for is not None else None
     if file is None and not recipes and stored is None:
         file = load_spec_file(ablations_dir() / DEFAULT_SPEC)
 
