@@ -165,8 +165,9 @@ def test_state_merge_extends_and_refuses_redefinitions(tmp_path: Path) -> None:
 
     more = merge_state(stored, _spec(seeds=[0, 1], variants=[Variant("coarse_only", "coarse_only"),
                                                              Variant("c2f", "coarse_to_fine")]))
-    assert [(r.variant, r.seed, r.status) for r in more.runs] == [
-        ("coarse_only", 0, "done"), ("coarse_only", 1, "pending"), ("c2f", 0, "pending"), ("c2f", 1, "pending")]
+    assert sorted((r.variant, r.seed, r.status) for r in more.runs) == [
+        ("c2f", 0, "pending"), ("c2f", 1, "pending"), ("coarse_only", 0, "done"), ("coarse_only", 1, "pending")]
+    assert more.runs[0].status == "done"  # the stored record is kept, not replaced
     with pytest.raises(ConfigError, match="variant coarse_only was run as recipe coarse_only"):
         merge_state(stored, _spec(variants=[Variant("coarse_only", "coarse_only", ("trainer.max_steps=9",))]))
     with pytest.raises(ConfigError, match="with overrides"):
