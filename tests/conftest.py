@@ -133,14 +133,21 @@ def tiny_ablation(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline:
     spec = AblationSpec(
         name="tiny",
         variants=[Variant("coarse_only", "coarse_only", (f"model.guidance.pretrained={tiny_pixel_pipeline}",)),
-                  Variant("coarse_to_fine", "coarse_to_fine", (f"coarse:model.guidance.pretrained={tiny_pixel_pipeline}",
-                                                               f"fine:model.guidance.pretrained={tiny_latent_pipeline}"))],
+                  Variant("coarse_to_fine", "coarse_to_fine", (
+                      f"coarse:model.guidance.pretrained={tiny_pixel_pipeline}",
+                      f"fine:model.guidance.pretrained={tiny_latent_pipeline}",
+                      # The coarsest fine stage that still converts and renders a mesh: conversion
+                      # on the CPU profile's 64^3 grid with 50 texture steps took ~40 s of each run.
+                      "fine:start.converter_args.resolution=32", "fine:start.converter_args.texture_steps=5",
+                      "fine:model.scene.tet_resolution=8", "fine:data.height=32", "fine:data.width=32"))],
         baseline="coarse_to_fine",
         prompts=["a red car", "a blue sphere"],
         seeds=[0],
         # A dense blob, so that the 4-step coarse stage holds an opaque object to convert and score.
-        overrides=["coarse:model.scene.blob_density=30", "trainer.max_steps=4", "data.steps_per_epoch=2",
-                   "run.checkpoint_every=2", "run.video_views=2", "model.preview_every=2"],
+        # Two steps a stage, one validation view at 32^2: the runner is under test, not training.
+        overrides=["coarse:model.scene.blob_density=30", "trainer.max_steps=2", "data.steps_per_epoch=2",
+                   "run.checkpoint_every=2", "run.video_views=2", "model.preview_every=2", "data.n_val_views=1",
+                   "data.eval_height=32", "data.eval_width=32"],
         profile="cpu",
         eval_options=EvalOptions(views=4, iou_size=32, chamfer_resolution=32, chamfer_points=500),
     )

@@ -13,6 +13,7 @@ import pytest
 from conftest import TinyAblation, run_cli
 from magic3d.ablation.spec import AblationSpec, Variant, load_spec_file, read_prompts, resolve_spec
 from magic3d.ablation.state import AblationState, merge_state
+from magic3d.cli import main
 from magic3d.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,20 +102,26 @@ def _spec(**changes) -> AblationSpec:
     return AblationSpec(**{**base, **changes})
 
 
-def test_bad_inputs_fail_in_one_line_before_anything_runs(tmp_path: Path) -> None:
-    unknown = run_cli("ablation", "--name", "x", "--recipes", "coarse_only coarse_to_fien", "--root", str(tmp_path))
-    assert unknown.returncode == 2
-    assert unknown.stderr.strip().splitlines() == [
+def test_bad_inputs_fail_in_one_line_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # In process (magic3d.cli.main, as `python -m magic3d` calls it): a subprocess per case
+    # cost ~13 s of imports each on 2 cores and tests nothing more.
+    def ablation(*args: str) -> tuple[int, list[str]]:
+        code = main(["ablation", *args, "--root", str(tmp_path)])
+        return code, capsys.readouterr().err.strip().splitlines()
+
+    code, err = ablation("--name", "x", "--recipes", "coarse_only coarse_to_fien")
+    assert code == 2 and err == [
         "[magic3d] error: Variant coarse_to_fien: unknown recipe 'coarse_to_fien' (recipes: "
         + ", ".join(sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))) + ")."]
-    missing = run_cli("ablation", "--recipes", "coarse_only", "--prompts", str(tmp_path / "none.txt"),
-                      "--root", str(tmp_path))
-    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1
-    assert f"Prompt file not found: {tmp_path / 'none.txt'}" in missing.stderr
-    typo = run_cli("ablation", "--recipes", "coarse_only", "trainer.max_stepz=3", "--root", str(tmp_path))
-    assert typo.returncode == 2 and "Variant coarse_only: Invalid config" in typo.stderr
-    assert "max_stepz" in typo.stderr and len(typo.stderr.strip().splitlines()) == 1
-    assert not any(tmp_path.iterdir()), "nothing may be written before the checks pass"
+    code, err = ablation("--recipes", "coarse_only", "--prompts", str(tmp_path / "none.txt"))
+    assert code == 2 and len(err) == 1 and f"Prompt file not found: {tmp_path / 'none.txt'}" in err[0]
+    code, err = ablation("--recipes", "coarse_only", "trainer.max_stepz=3")
+    assert code == 2 and len(err) == 1 and "Variant coarse_only: Invalid config" in err[0] and "max_stepz" in err[0]
+    bad_spec = tmp_path / "bad.yaml"
+    bad_spec.write_text("variants: [coarse_only]\nbasline: coarse_only\n")
+    code, err = ablation("--variants", str(bad_spec))
+    assert code == 2 and len(err) == 1 and "unknown keys ['basline']" in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"], "nothing may be written before the checks pass"
 
 
 def test_spec_resolution_and_shipped_specs(tmp_path: Path) -> None:
