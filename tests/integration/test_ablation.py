@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TinyAblation, run_cli
+from conftest import TinyAblation
 from magic3d.ablation.spec import AblationSpec, Variant, load_spec_file, read_prompts, resolve_spec
 from magic3d.ablation.state import AblationState, merge_state
 from magic3d.cli import main
@@ -63,7 +63,7 @@ def test_interrupted_ablation_resumes_without_redoing_finished_runs(tiny_ablatio
 
 
 @pytest.mark.slow
-def test_report_files(tiny_ablation: TinyAblation) -> None:
+def test_report_files(tiny_ablation: TinyAblation, capsys: pytest.CaptureFixture) -> None:
     folder = tiny_ablation.folder
     table = (folder / "table.md").read_text()
     assert "baseline **coarse_to_fine**" in table and "| coarse_only | coarse |" in table
@@ -91,9 +91,10 @@ def test_report_files(tiny_ablation: TinyAblation) -> None:
     assert {"silhouette_iou", "r_precision", "wall_s"} <= charts and "gpu_minutes" not in charts  # CPU only
     assert sorted(p.name for p in (folder / "sheets").glob("*.png")) == ["a-blue-sphere.png", "a-red-car.png"]
 
-    remade = run_cli("ablation", "--report-only", "--name", "tiny", "--root", str(folder.parent))
-    assert remade.returncode == 0, remade.stderr[-2000:]
-    assert "# Ablation `tiny`" in remade.stdout
+    capsys.readouterr()
+    assert main(["ablation", "--report-only", "--name", "tiny", "--root", str(folder.parent)]) == 0
+    assert capsys.readouterr().out.startswith("# Ablation `tiny`")
+    assert json.loads((folder / "table.json").read_text())["n_resamples"] == 10_000  # remade, with the default
 
 
 def _spec(**changes) -> AblationSpec:

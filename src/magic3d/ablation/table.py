@@ -105,6 +105,10 @@ def summarise(
     return AblationTable(spec.name, baseline, n_resamples, confidence, seed, final, per_stage, failures)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _cell(interval: Interval | None, digits: int, runs: int, signed: bool = False) -> str:
     if interval is None:
         return "–"
@@ -131,7 +135,8 @@ def table_markdown(table: AblationTable, state: AblationState) -> str:
     pct = f"{table.confidence:.0%}"
     text = [
         f"# Ablation `{table.name}`\n",
-        f"{len(spec.variants)} variants x {len(spec.prompts)} prompts x {len(spec.seeds)} seeds "
+        f"{_count(len(spec.variants), 'variant')} x {_count(len(spec.prompts), 'prompt')} x "
+        f"{_count(len(spec.seeds), 'seed')} "
         f"(seeds {', '.join(map(str, spec.seeds))}); baseline **{table.baseline}**. Each cell: mean "
         f"[{pct} percentile-bootstrap interval, {table.n_resamples:,} resamples, seed {table.seed}] over the "
         "variant's evaluated runs (`n=` when a metric exists for fewer runs: Janus rate and view accuracy for "
@@ -148,7 +153,7 @@ def table_markdown(table: AblationTable, state: AblationState) -> str:
             f"Every evaluated stage of every variant; differences pair a stage with the baseline's stage of the same "
             f"name (e.g. the coarse stage of each two-stage variant against {table.baseline}'s).\n",
             *_markdown_rows(table.per_stage, metric_columns, signed=False, with_stage=True),
-            "",
+            f"\n### Stage by stage, paired difference against {table.baseline}\n",
             *_markdown_rows([r for r in table.per_stage if r.variant != table.baseline], metric_columns, signed=True,
                             with_stage=True),
         ]
