@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from magic3d.ablation.measure import STRIP_VIEWS
 from magic3d.ablation.state import AblationState, RunRecord
 from magic3d.recipe import slugify
 
+STRIP_ASPECT = STRIP_VIEWS  # a strip is STRIP_VIEWS square views wide, one high
 HEADLINE = (("r_precision", "R-prec"), ("silhouette_iou", "IoU"), ("chamfer", "Chamfer"))
 
 
@@ -69,7 +71,12 @@ def save_sheets(state: AblationState, folder: Path, out: Path) -> list[Path]:
                 title = f"{variant.name} (baseline)" if variant.name == spec.baseline else variant.name
                 rows.append((title, cells))
         n_cols = max(len(cells) for _, cells in rows)
-        fig, axes = plt.subplots(len(rows), n_cols, figsize=(5.2 * n_cols, 1.75 * len(rows) + 0.5), squeeze=False)
+        # Rows as tall as a strip (4 views side by side) plus its label, so no band of white
+        # separates them; a margin on the left for the variant names.
+        cell_w, label_w = 5.2, 1.5
+        cell_h = cell_w / STRIP_ASPECT + 0.35
+        width, height = label_w + cell_w * n_cols, cell_h * len(rows) + 0.4
+        fig, axes = plt.subplots(len(rows), n_cols, figsize=(width, height), squeeze=False)
         for ax in axes.flat:
             ax.axis("off")
         for i, (title, cells) in enumerate(rows):
@@ -85,7 +92,7 @@ def save_sheets(state: AblationState, folder: Path, out: Path) -> list[Path]:
             axes[i, 0].text(-0.02, 0.5, title, transform=axes[i, 0].transAxes, ha="right", va="center",
                             fontsize=8, fontweight="bold")
         fig.suptitle(f"{spec.name}: {prompt} (views at azimuth 0, 90, 180, 270°)", fontsize=10)
-        fig.tight_layout(rect=(0.12, 0, 1, 0.97))
+        fig.tight_layout(rect=(label_w / width, 0, 1, 1 - 0.4 / height))
         path = out / f"{slugify(prompt)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
