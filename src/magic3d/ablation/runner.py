@@ -33,6 +33,7 @@ from magic3d.ablation.measure import gpus_used, measure_run
 from magic3d.ablation.spec import AblationSpec, check_spec
 from magic3d.ablation.state import AblationState, RunRecord, merge_state
 from magic3d.ablation.stats import DEFAULT_RESAMPLES
+from magic3d.ablation.table import count
 from magic3d.config import ConfigError
 from magic3d.eval.classifier import DEFAULT_FOLDER
 from magic3d.recipe import StageFailed, StageInterrupted, run_recipe, slugify
@@ -183,8 +184,8 @@ def run_ablation(
     todo = [r for r in selected if r.status != "done"]
     terminal = _open_terminal()
     interrupted: str | None = None
-    print(f"[magic3d] ablation {spec.name}: {len(selected)} runs ({len(spec.variants)} variants x "
-          f"{len(spec.prompts)} prompts x {len(spec.seeds)} seeds), {len(selected) - len(todo)} done; "
+    print(f"[magic3d] ablation {spec.name}: {len(selected)} runs ({count(len(spec.variants), 'variant')} x "
+          f"{count(len(spec.prompts), 'prompt')} x {count(len(spec.seeds), 'seed')}), {len(selected) - len(todo)} done; "
           f"folder {folder}, each run's output in its .log", file=terminal, flush=True)
     bar = tqdm(total=len(selected), initial=len(selected) - len(todo), desc=f"ablation {spec.name}",
                unit="run", file=terminal, dynamic_ncols=True)

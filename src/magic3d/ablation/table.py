@@ -105,7 +105,8 @@ def summarise(
     return AblationTable(spec.name, baseline, n_resamples, confidence, seed, final, per_stage, failures)
 
 
-def _count(n: int, noun: str) -> str:
+def count(n: int, noun: str) -> str:
+    """``1 seed``, ``2 seeds``."""
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
@@ -135,8 +136,8 @@ def table_markdown(table: AblationTable, state: AblationState) -> str:
     pct = f"{table.confidence:.0%}"
     text = [
         f"# Ablation `{table.name}`\n",
-        f"{_count(len(spec.variants), 'variant')} x {_count(len(spec.prompts), 'prompt')} x "
-        f"{_count(len(spec.seeds), 'seed')} "
+        f"{count(len(spec.variants), 'variant')} x {count(len(spec.prompts), 'prompt')} x "
+        f"{count(len(spec.seeds), 'seed')} "
         f"(seeds {', '.join(map(str, spec.seeds))}); baseline **{table.baseline}**. Each cell: mean "
         f"[{pct} percentile-bootstrap interval, {table.n_resamples:,} resamples, seed {table.seed}] over the "
         "variant's evaluated runs (`n=` when a metric exists for fewer runs: Janus rate and view accuracy for "
