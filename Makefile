@@ -23,7 +23,7 @@ endef
 q = '$(subst $(NL),'$$'\n'',$(subst ','\'',$1))'
 # $(call opt,--flag,var): `--flag 'value'` when var is set and not empty, else nothing.
 opt = $(if $(value $2),$1 $(call q,$(value $2)))
-unexport recipe prompt run seed profile gpus overrides subject base
+unexport recipe prompt run seed profile gpus overrides subject base name recipes variants prompts seeds baseline
 
 # recipe: as given; else coarse_to_fine for a new run; a continued run (run=FOLDER) keeps its own.
 RECIPE_ARG = $(if $(value recipe),$(call q,$(value recipe)),$(if $(value run),,coarse_to_fine))
@@ -40,7 +40,7 @@ EDIT_ARGS = $(call opt,--edit,edit) $(call opt,--base,base)
 # --- end prompt-based editing ---
 
 .DEFAULT_GOAL := run
-.PHONY: run help setup test test-gpu bench bench-priors notebook clean-cache priors eval mutate view
+.PHONY: run help setup test test-gpu bench bench-priors notebook clean-cache priors eval mutate view ablation
 
 run: $(SETUP_STAMP) ## Run a recipe: make recipe=NAME prompt="..." [edit="..."] [base=RUN] [seed=N] [run=FOLDER] [profile=cpu|full] [gpus=N] [overrides="key=value ..."]
 	$(PY) -m magic3d run $(RECIPE_ARG) $(call opt,--prompt,prompt) $(EDIT_ARGS) $(call opt,--seed,seed) $(call opt,--profile,profile) $(call opt,--run,run) $(GPUS_ARG) $(OVERRIDES_ARG)
@@ -91,3 +91,8 @@ eval: $(SETUP_STAMP) ## Evaluate a run against the toy world: make eval run=runs
 view: $(SETUP_STAMP) ## Offline HTML page of a run's meshes (orbit), turntables, metrics: make view run=RUN (or an ablation folder)
 	@test -n $(call q,$(value run)) || { echo "usage: make view run=runs/<recipe>/<name> (or runs/ablations/<name>)"; exit 2; }
 	$(PY) -m magic3d view $(call q,$(value run))
+
+# --- ablation (issue 11) ---
+ablation: $(SETUP_STAMP) ## Variants x prompts x seeds, evaluated (resumable): make ablation [name=NAME] [recipes="a b"] [variants=FILE] [prompts=FILE] [seeds=N] [baseline=V] [overrides="..."]
+	$(PY) -m magic3d ablation $(call opt,--name,name) $(call opt,--recipes,recipes) $(call opt,--variants,variants) $(call opt,--prompts,prompts) $(call opt,--seeds,seeds) $(call opt,--baseline,baseline) $(call opt,--profile,profile) $(OVERRIDES_ARG)
+# --- end ablation ---

@@ -10,7 +10,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -98,3 +100,74 @@ def random_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     torch.manual_seed(0)
     return ToyWorldClassifier().save(tmp_path_factory.mktemp("evaluator") / "evaluator")
+
+
+# --- ablation (issue 11) ---
+@dataclass
+class TinyAblation:
+    """A tiny ablation run as a user would: interrupted during its second run, then resumed."""
+
+    folder: Path
+    first: Any  # magic3d.ablation.runner.AblationOutcome of the interrupted call
+    second: Any  # ... of the resumed call
+    calls: list[tuple[str, str, int, Path]]  # (recipe, prompt, seed, run_dir) of every training call
+    state_after_interrupt: dict  # ablation.json as the interrupted call left it
+    done_mtimes_before_resume: dict[str, int]  # DONE.json files (relative) -> mtime_ns
+
+
+@pytest.fixture(scope="session")
+def tiny_ablation(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Path, tiny_latent_pipeline: Path,
+                  random_classifier: Path) -> TinyAblation:
+    """coarse_only and coarse_to_fine x two prompts x one seed with tiny random priors and a few
+    steps. The first call is stopped by SIGINT right after its second run finished training (as
+    a Ctrl-C during that run's evaluation would); the second call continues it."""
+    import json
+    import signal
+
+    from magic3d.ablation.runner import run_ablation
+    from magic3d.ablation.spec import AblationSpec, Variant
+    from magic3d.eval.options import EvalOptions
+    from magic3d.recipe import run_recipe
+
+    root = tmp_path_factory.mktemp("ablations")
+    spec = AblationSpec(
+        name="tiny",
+        variants=[Variant("coarse_only", "coarse_only", (f"model.guidance.pretrained={tiny_pixel_pipeline}",)),
+                  Variant("coarse_to_fine", "coarse_to_fine", (
+                      f"coarse:model.guidance.pretrained={tiny_pixel_pipeline}",
+                      f"fine:model.guidance.pretrained={tiny_latent_pipeline}",
+                      # The coarsest fine stage that still converts and renders a mesh: conversion
+                      # on the CPU profile's 64^3 grid with 50 texture steps took ~40 s of each run.
+                      "fine:start.converter_args.resolution=32", "fine:start.converter_args.texture_steps=5",
+                      "fine:model.scene.tet_resolution=8", "fine:data.height=32", "fine:data.width=32"))],
+        baseline="coarse_to_fine",
+        prompts=["a red car", "a blue sphere"],
+        seeds=[0],
+        # A dense blob, so that the 4-step coarse stage holds an opaque object to convert and score.
+        # Two steps a stage, one validation view at 32^2: the runner is under test, not training.
+        overrides=["coarse:model.scene.blob_density=30", "trainer.max_steps=2", "data.steps_per_epoch=2",
+                   "run.checkpoint_every=2", "run.video_views=2", "model.preview_every=2", "data.n_val_views=1",
+                   "data.eval_height=32", "data.eval_width=32"],
+        profile="cpu",
+        eval_options=EvalOptions(views=4, iou_size=32, chamfer_resolution=32, chamfer_points=500),
+    )
+    calls: list[tuple[str, str, int, Path]] = []
+
+    def interrupt_after_second_run(recipe, **kwargs):
+        calls.append((recipe, kwargs["prompt"], kwargs["seed"], Path(kwargs["run_dir"])))
+        run_dir = run_recipe(recipe, **kwargs)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)  # the ablation's handler turns it into a stop
+        return run_dir
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MAGIC3D_CACHE", str(tmp_path_factory.mktemp("ablation_cache")))
+        first = run_ablation(spec, root=root, classifier=random_classifier, device="cpu",
+                             train=interrupt_after_second_run, n_resamples=500)
+        folder = root / "tiny"
+        state_after = json.loads((folder / "ablation.json").read_text())
+        mtimes = {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("DONE.json")}
+        second = run_ablation(spec, root=root, classifier=random_classifier, device="cpu",
+                              train=interrupt_after_second_run, n_resamples=500)
+    return TinyAblation(folder, first, second, calls, state_after, mtimes)
+# --- end ablation ---

@@ -116,3 +116,18 @@ def test_help_lists_targets_and_recipes() -> None:
     assert any(line.startswith("  run          Run a recipe: make recipe=NAME prompt=") for line in lines)
     assert "Recipes (make recipe=NAME):" in lines
     assert any(line.startswith("  coarse_to_fine ") for line in lines)
+
+
+# --- ablation (issue 11) ---
+def test_ablation_with_nothing_given_runs_the_paper_set(tmp_path: Path) -> None:
+    assert _make(tmp_path, target="ablation") == ["-m", "magic3d", "ablation"]
+
+
+def test_ablation_options_are_passed_verbatim(tmp_path: Path) -> None:
+    argv = _make(tmp_path, "name=my study", "recipes=coarse_only coarse_to_fine", "prompts=p $HOME.txt", "seeds=3",
+                 "variants=ablations/x.yaml", "baseline=coarse_to_fine", "profile=cpu",
+                 "overrides=trainer.max_steps=5 fine:data.width=32", target="ablation")
+    assert argv == ["-m", "magic3d", "ablation", "--name", "my study", "--recipes", "coarse_only coarse_to_fine",
+                    "--variants", "ablations/x.yaml", "--prompts", "p $HOME.txt", "--seeds", "3",
+                    "--baseline", "coarse_to_fine", "--profile", "cpu", "trainer.max_steps=5", "fine:data.width=32"]
+# --- end ablation ---

@@ -47,6 +47,26 @@ def _parser() -> argparse.ArgumentParser:
     view.add_argument("--texture-resolution", type=int, default=1024, help="for the meshes it exports")
     view.add_argument("--mesh-resolution", type=int, default=128, help="for the meshes it exports (NeRF grid)")
 
+    ablation = sub.add_parser(
+        "ablation", help="run (or continue) an ablation: variants x prompts x seeds, evaluated and tabulated",
+        description="Every variant (a recipe plus overrides) x prompt x seed through the recipe runner, "
+                    "each run evaluated on the toy world; resumable. Writes runs/ablations/NAME/: ablation.json, "
+                    "table.md/.csv/.json, charts/, sheets/. With no variants it continues the stored ablation "
+                    "NAME, or runs ablations/paper.yaml.")
+    ablation.add_argument("--name", default=None, help="names runs/ablations/NAME (default: the spec's name)")
+    ablation.add_argument("--variants", type=Path, default=None, help="spec YAML (see ablations/paper.yaml)")
+    ablation.add_argument("--recipes", default=None,
+                          help="recipes to compare as they are, separated by spaces or commas")
+    ablation.add_argument("--prompts", type=Path, default=None, help="prompt file, one a line")
+    ablation.add_argument("--seeds", type=int, default=None, help="seeds per prompt: 0..N-1 (default 1)")
+    ablation.add_argument("--baseline", default=None, help="the variant the others are compared with")
+    ablation.add_argument("--profile", default=None, help="auto | cpu | full, for every run")
+    ablation.add_argument("--root", type=Path, default=Path("runs/ablations"))
+    ablation.add_argument("--classifier", default="priors/evaluator", help="toy-world evaluator folder")
+    ablation.add_argument("--device", default="auto", help="evaluation device: auto, cuda or cpu")
+    ablation.add_argument("--report-only", action="store_true", help="remake the report from ablation.json")
+    ablation.add_argument("overrides", nargs="*", help="key.path=value for every variant (stage:key=value too)")
+
     sub.add_parser("recipes", help="list recipes")
     return parser
 
@@ -60,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come after options (argparse cannot interleave them with nargs="*").
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if args.command != "run" or any(item.startswith("-") for item in extra):
+        if args.command not in ("run", "ablation") or any(item.startswith("-") for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     if args.command == "run" and args.recipe is not None and "=" in args.recipe:
@@ -90,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[magic3d] error: {err}", file=sys.stderr)
                 return err.code or 1
             return 0
+        if args.command == "ablation":
+            return _ablation(args)
         if args.command == "export":
             from magic3d.export import export_stage
 
@@ -134,6 +156,30 @@ def main(argv: list[str] | None = None) -> int:
         print("[magic3d] interrupted; the last checkpoint is kept, rerun to continue", file=sys.stderr)
         return 130
     return 1
+
+
+def _ablation(args: argparse.Namespace) -> int:
+    from magic3d.ablation.runner import ablation_folder, run_ablation, stored_spec
+    from magic3d.ablation.spec import resolve_spec
+    from magic3d.ablation.state import AblationState
+    from magic3d.config import ConfigError
+
+    if args.report_only:
+        from magic3d.ablation.report import write_report
+
+        name = args.name or (resolve_spec(variants_file=args.variants).name if args.variants else "paper")
+        folder = ablation_folder(args.root, name)
+        state = AblationState.load(folder)
+        if state is None:
+            raise ConfigError(f"No ablation at {folder} (no ablation.json): run it first, or pass --name.")
+        print(write_report(folder, state).table_md.read_text())
+        return 0
+    recipes = args.recipes.replace(",", " ").split() if args.recipes else None
+    spec = resolve_spec(name=args.name, variants_file=args.variants, recipes=recipes, prompts_file=args.prompts,
+                        seeds=args.seeds, baseline=args.baseline, overrides=args.overrides or None,
+                        profile=args.profile, stored_for=stored_spec(args.root))
+    outcome = run_ablation(spec, root=args.root, classifier=args.classifier, device=args.device)
+    return outcome.exit_code
 
 
 def _raised_by_magic3d(err: BaseException) -> bool:
