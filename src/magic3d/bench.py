@@ -205,15 +205,22 @@ def fine_iteration(batch_sizes=(1, 8, 32), iters: int = 5, warmup: int = 2,
 def fine_markdown(rows: list[FineTiming]) -> str:
     lines = ["", "Fine iteration at 512×512: DMTet (BCC n=51 tet grid, sphere init) through the torch "
              "rasteriser + latent SDS with a random-weight SD-2.1-base-sized VAE and UNet (bf16).", "",
-             "| batch | iteration ms | render fwd ms | guidance ms | backward ms | optimiser ms | peak GiB | faces |",
+             *_iteration_table(rows, "faces", lambda r: f"{r.faces}")]
+    return "\n".join(lines) + "\n"
+
+
+def _iteration_table(rows: list, last_name: str, last_value) -> list[str]:
+    """Markdown rows of per-batch iteration timings (FineTiming / FineNerfTiming), with one
+    stage-specific last column; a failed batch shows its error in place of the timings."""
+    lines = [f"| batch | iteration ms | render fwd ms | guidance ms | backward ms | optimiser ms | peak GiB | {last_name} |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.error:
             lines.append(f"| {r.batch_size} | {r.error} | | | | | {r.peak_gib:.1f} | |")
         else:
             lines.append(f"| {r.batch_size} | {r.iteration_ms:.1f} | {r.render_fwd_ms:.1f} | {r.guidance_ms:.1f} | "
-                         f"{r.backward_ms:.1f} | {r.optimizer_ms:.1f} | {r.peak_gib:.1f} | {r.faces} |")
-    return "\n".join(lines) + "\n"
+                         f"{r.backward_ms:.1f} | {r.optimizer_ms:.1f} | {r.peak_gib:.1f} | {last_value(r)} |")
+    return lines
 
 
 def fine_components() -> dict[str, float]:
@@ -310,14 +317,7 @@ def fine_nerf_markdown(rows: list[FineNerfTiming], resolution: int = 256) -> str
              f"rendered at {resolution}² in chunks of 4 cameras under activation checkpointing, 512 samples "
              "per ray, 256³ occupancy grid, upsampled to 512² for latent SDS with a random-weight "
              "SD-2.1-base-sized VAE and UNet (bf16).", "",
-             "| batch | iteration ms | render fwd ms | guidance ms | backward ms | optimiser ms | peak GiB | samples/ray |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if r.error:
-            lines.append(f"| {r.batch_size} | {r.error} | | | | | {r.peak_gib:.1f} | |")
-        else:
-            lines.append(f"| {r.batch_size} | {r.iteration_ms:.1f} | {r.render_fwd_ms:.1f} | {r.guidance_ms:.1f} | "
-                         f"{r.backward_ms:.1f} | {r.optimizer_ms:.1f} | {r.peak_gib:.1f} | {r.samples_per_ray:.0f} |")
+             *_iteration_table(rows, "samples/ray", lambda r: f"{r.samples_per_ray:.0f}")]
     return "\n".join(lines) + "\n"
 
 
