@@ -94,6 +94,10 @@ class StageModule(Protocol):
     def finish_stage(self, datamodule: Any, video_fps: int, video_views: int) -> dict[str, Any]:
         """After the last step, on rank 0: write the stage's products; return DONE.json entries."""
 
+    # Optional: ``check_resumable(found: FoundCheckpoint) -> None`` replaces the runner's
+    # tensor-by-tensor check_compatible() for a module whose state_dict is only complete after
+    # setup() (e.g. magic3d.dreambooth.module.DreamBooth: its adapters sit on a prior loaded there).
+
 
 def with_default_classes(config: dict) -> dict:
     """``model``/``data`` given as bare init args get the default class path."""
@@ -257,7 +261,12 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
         else:
             model.start_from(source.checkpoint, start)
     if found is not None:
-        check_compatible(model, found)
+        # A stage whose weights exist only after setup() (adapters on a prior loaded there)
+        # says itself whether a checkpoint fits; Lightning then checks the tensors on restore.
+        if hasattr(model, "check_resumable"):
+            model.check_resumable(found)
+        else:
+            check_compatible(model, found)
 
     checkpoint_io = StageCheckpointIO()
     periodic = PeriodicCheckpoints(ckpt_dir, int(run.checkpoint_every), int(run.keep_checkpoints))
