@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from magic3d.dreambooth.prior import LatentPrior, PixelPrior
 from magic3d.guidance.lora import LORA_CARD, LORA_WEIGHTS, read_lora
 
-from dreambooth_fixtures import personalise, pink_duck, tuned_latent, tuned_pixel  # noqa: F401 (fixtures)
+from conftest import personalise
 
 
 def unet_prediction(unet, channels: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -120,20 +120,36 @@ def adapter_config(module: nn.Module) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ base models
 
 
-def prior_fingerprint(pretrained: str) -> str | None:
-    """What identifies a prior's UNet weights without reading them: its config (volatile keys
-    dropped) and the names and sizes of its weight files. None for a Hub id (compared by name).
+def _sampled_digest(path: Path, chunks: int = 16, chunk_bytes: int = 1 << 16) -> str:
+    """sha256 of a file's size and ``chunks`` evenly spaced pieces of it (the whole file if small)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        if size <= chunks * chunk_bytes:
+            digest.update(handle.read())
+        else:
+            for k in range(chunks):
+                handle.seek(k * (size - chunk_bytes) // (chunks - 1))
+                digest.update(handle.read(chunk_bytes))
+    return digest.hexdigest()
 
-    Sizes, not contents: hashing IF-I-XL's 8.6 GB at every setup would cost minutes; a folder
-    copied elsewhere keeps its fingerprint, a retrained one almost always changes its config
-    or its step counter files, and the check is a guard against mix-ups, not tampering.
+
+def prior_fingerprint(pretrained: str) -> str | None:
+    """What identifies a local prior's UNet weights: its config (volatile keys dropped) and a
+    digest of each weight file's size and 16 evenly spaced 64 KB pieces. None for a Hub id
+    (compared by name).
+
+    Pieces, not whole files: hashing IF-I-XL's 8.6 GB at every setup would cost a minute, while
+    retrained weights differ in every piece (the toy priors are retrained with the same config
+    and file sizes, which a size-only check would take for the same prior); a folder copied
+    elsewhere keeps its fingerprint. A guard against mix-ups, not against tampering.
     """
     folder = Path(pretrained).expanduser()
     unet = folder / "unet"
     if not (unet / "config.json").is_file():
         return None
     config = {k: v for k, v in json.loads((unet / "config.json").read_text()).items() if k not in _VOLATILE_CONFIG_KEYS}
-    weights = sorted((p.name, p.stat().st_size) for p in [*unet.glob("*.safetensors"), *unet.glob("*.bin")])
+    weights = sorted((p.name, _sampled_digest(p)) for p in [*unet.glob("*.safetensors"), *unet.glob("*.bin")])
     blob = json.dumps({"config": config, "weights": weights}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
