@@ -178,6 +178,20 @@ def validate_stage_config(config: dict, where: str = "stage"):
         raise ConfigError(f"Invalid config for {where}: {_short_error(err)}") from None
 
 
+def _instantiate(parser, cfg):
+    """Build the stage's parts; a ConfigError raised by one of them (a bad input it names) comes
+    out as itself, not inside jsonargparse's report of every union subtype it tried."""
+    try:
+        return parser.instantiate(cfg)
+    except Exception as err:  # noqa: BLE001 - jsonargparse wraps whatever __init__ raised
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def _wandb_mode(option: str) -> str | None:
     import os
 
@@ -242,7 +256,7 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
     config = with_default_classes(load_yaml(config_path))
     parser, cfg = validate_stage_config(config, where=str(config_path))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    init = parser.instantiate(cfg)
+    init = _instantiate(parser, cfg)
     model, datamodule = init.model, init.data
     if not isinstance(model, StageModule):
         raise ConfigError(f"model.class_path {type(model).__name__} is not a stage module: it needs "

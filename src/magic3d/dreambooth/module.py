@@ -103,10 +103,10 @@ class DreamBooth(L.LightningModule):
     ) -> None:
         super().__init__()
         if n_class_images < 0 or prior_loss_weight < 0:
-            raise ValueError(f"n_class_images={n_class_images} and prior_loss_weight={prior_loss_weight} must be >= 0 "
+            raise ConfigError(f"n_class_images={n_class_images} and prior_loss_weight={prior_loss_weight} must be >= 0 "
                              "(0 turns prior preservation off).")
         if not all(0.0 <= c <= 1.0 for c in background) or len(background) != 3:
-            raise ValueError(f"background={tuple(background)} must be three numbers in [0, 1] (RGB).")
+            raise ConfigError(f"background={tuple(background)} must be three numbers in [0, 1] (RGB).")
         # Fail before the prior loads: these cost nothing to check.
         self.instance = parse_instance_prompt(prompt, identifier, class_prompt)
         self.subject = str(Path(subject).expanduser()) if subject else ""
