@@ -49,7 +49,7 @@ def _make(tmp_path: Path, *assignments: str, target: str = "run") -> list[str]:
     stamp.touch()  # newer than pyproject.toml and scripts/setup.sh: setup is not run
     env = {k: v for k, v in os.environ.items()
            if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "recipe", "prompt", "run", "seed", "profile",
-                        "gpus", "overrides", "edit", "base"}}
+                        "gpus", "overrides", "edit", "base", "subject"}}
     env["ARGV_OUT"] = str(out)
     result = subprocess.run(["make", "-s", "-C", str(ROOT), target, f"PY={fake}", f"SETUP_STAMP={stamp}",
                              *assignments],
@@ -116,3 +116,9 @@ def test_help_lists_targets_and_recipes() -> None:
     assert any(line.startswith("  run          Run a recipe: make recipe=NAME prompt=") for line in lines)
     assert "Recipes (make recipe=NAME):" in lines
     assert any(line.startswith("  coarse_to_fine ") for line in lines)
+
+
+def test_subject_folder_is_passed_verbatim(tmp_path: Path) -> None:
+    folder = "photos of my $HOME 'duck'/"
+    argv = _make(tmp_path, "recipe=dreambooth", "prompt=a sks duck", f"subject={folder}")
+    assert argv == ["-m", "magic3d", "run", "dreambooth", "--prompt", "a sks duck", "--subject", folder]

@@ -164,3 +164,44 @@ def test_the_stage_refuses_a_vocabulary_identifier_before_training(tmp_path: Pat
                         enable_model_summary=False)
     with pytest.raises(ConfigError, match="identifier='red' is already a word"):
         trainer.fit(model, datamodule=PersonalisationSteps())
+
+
+# ------------------------------------------------------------------------------ recipe wiring
+
+
+def write_recipe(folder: Path, stages: str) -> str:
+    (folder / "r.yaml").write_text("description: test\ndefault_prompt: a sks duck\nstages:\n" + stages)
+    return "r"
+
+
+@pytest.mark.parametrize(("uses", "message"), [
+    ("model.guidance.lora: later/lora", "not '<earlier stage>/<path>'"),
+    ("model.guidance.lora: first", "not '<earlier stage>/<path>'"),
+])
+def test_a_recipe_may_only_use_earlier_stages_outputs(uses: str, message: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from magic3d.recipe import load_recipe
+
+    monkeypatch.setenv("MAGIC3D_RECIPES", str(tmp_path))
+    name = write_recipe(tmp_path, "  - {name: first, config: a.yaml}\n"
+                                  f"  - {{name: second, config: b.yaml, uses: {{{uses}}}}}\n"
+                                  "  - {name: later, config: c.yaml}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(name)
+
+
+def test_the_recipe_wires_subject_and_lora_into_the_stage_configs(tmp_path: Path, pink_duck: Path) -> None:
+    from magic3d.recipe import compose_stage, load_recipe
+
+    recipe = load_recipe("dreambooth")
+    assert recipe.subject_stage_names == ["personalise_pixel", "personalise_latent"]
+    by_name = {s.name: s for s in recipe.stages}
+    pixel = compose_stage(by_name["personalise_pixel"], "a sks duck", 0, [], "cpu", tmp_path, subject=str(pink_duck))
+    assert pixel["model"]["init_args"]["subject"] == str(pink_duck)
+    assert pixel["model"]["init_args"]["n_class_images"] == 8, "the CPU profile applies"
+    coarse = compose_stage(by_name["coarse"], "a sks duck", 0, [], "cpu", tmp_path, subject=str(pink_duck))
+    assert "subject" not in coarse["model"]["init_args"], "only with_subject stages get the subject"
+    assert coarse["model"]["init_args"]["guidance"]["init_args"]["lora"] == str(tmp_path / "personalise_pixel" / "lora")
+    fine = compose_stage(by_name["fine"], "a sks duck", 0, [], "full", tmp_path,
+                         stage_dirs={"personalise_latent": tmp_path / "elsewhere"})
+    assert fine["model"]["init_args"]["guidance"]["init_args"]["lora"] == str(tmp_path / "elsewhere" / "lora")
