@@ -108,3 +108,15 @@ def test_a_prompt_without_the_identifier_stops_the_first_stage(tmp_path: Path, p
 def test_subject_with_a_recipe_that_does_not_personalise(pink_duck: Path) -> None:
     with pytest.raises(ConfigError, match="subject= has nothing to do"):
         resolve_settings("coarse_only", None, None, None, "cpu", None, subject=pink_duck)
+
+
+def test_text_to_3d_of_the_subject_is_graded_as_its_toy_caption(dreambooth_run: Path, random_classifier: Path) -> None:
+    from magic3d.eval.options import EvalOptions
+    from magic3d.eval.run import evaluate_run
+
+    options = EvalOptions(views=2, iou_size=32, chamfer_resolution=24, chamfer_points=300)
+    result = evaluate_run(dreambooth_run, options, classifier=random_classifier, device="cpu", as_prompt="a pink duck")
+    assert [r.stage for r in result.stages] == ["coarse", "fine"], "personalisation stages make no scene to grade"
+    assert all("graded as 'a pink duck'" in " ".join(r.notes) for r in result.stages)
+    with pytest.raises(ValueError, match="makes no 3D scene"):
+        evaluate_run(dreambooth_run, options, stage="personalise_pixel", classifier=random_classifier, device="cpu")

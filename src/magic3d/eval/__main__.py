@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="evaluate the finished stages of one run")
     run.add_argument("run_dir", type=Path)
     run.add_argument("--stage", default=None, help="evaluate only this stage (even if unfinished)")
+    run.add_argument("--as-prompt", default=None,
+                     help='grade as this toy caption, e.g. "a pink duck" for a run of "a sks duck" (recipe dreambooth)')
     _add_views(run)
     _add_common(run)
 
@@ -199,7 +201,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {json_path}, {md_path}")
         return 0
     if args.command == "run":
-        result = evaluate_run(args.run_dir, options, args.stage, args.classifier, args.device)
+        result = evaluate_run(args.run_dir, options, args.stage, args.classifier, args.device, args.as_prompt)
         print(result.markdown_path.read_text())
         print(f"wrote {result.json_path}, {result.markdown_path}, {result.sheet_path}")
         for record in result.wandb_runs:
