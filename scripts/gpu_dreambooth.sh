@@ -8,12 +8,17 @@
 # WITH_3D=1 also runs text-to-3D: recipe dreambooth ("a sks duck", tuned guidance) and
 # coarse_to_fine ("a pink duck", untuned), both graded by `magic3d.eval run`.
 # Usage: bash scripts/gpu_dreambooth.sh
-#   CPU check of every part: PROFILE=cpu N_IMAGES=2 DRIFT=1 SAMPLE_STEPS=2 DRIFT_SHAPES=cube \
-#       DRIFT_COLOURS=red OVERRIDES="trainer.max_steps=2 model.n_class_images=1" bash scripts/gpu_dreambooth.sh
+#   OVERRIDES: for the dreambooth recipes (personalise_pixel:key=value targets one stage);
+#   UNTUNED_OVERRIDES: for the untuned coarse_to_fine run. CPU check of every part:
+#   PROFILE=cpu N_IMAGES=2 DRIFT=1 SAMPLE_STEPS=2 DRIFT_SHAPES=cube DRIFT_COLOURS=red WITH_3D=1 \
+#     OVERRIDES="trainer.max_steps=2 data.steps_per_epoch=2 run.checkpoint_every=2 run.video_views=2
+#       model.preview_every=0 personalise_pixel:model.n_class_images=1 personalise_latent:model.n_class_images=1"
+#     UNTUNED_OVERRIDES="trainer.max_steps=2 data.steps_per_epoch=2 run.checkpoint_every=2 run.video_views=2"
+#     bash scripts/gpu_dreambooth.sh
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 PROFILE=${PROFILE:-full}; N_VIEWS=${N_VIEWS:-5}; N_IMAGES=${N_IMAGES:-64}; DRIFT=${DRIFT:-4}
-SAMPLE_STEPS=${SAMPLE_STEPS:-50}; WITH_3D=${WITH_3D:-0}; OVERRIDES=${OVERRIDES:-}
+SAMPLE_STEPS=${SAMPLE_STEPS:-50}; WITH_3D=${WITH_3D:-0}; OVERRIDES=${OVERRIDES:-}; UNTUNED_OVERRIDES=${UNTUNED_OVERRIDES:-}
 DRIFT_SHAPES=${DRIFT_SHAPES:-}; DRIFT_COLOURS=${DRIFT_COLOURS:-}
 WORK=${WORK:-/tmp/dreambooth}
 python3 -c "import peft" 2>/dev/null || { echo "peft is not importable: put its wheel and accelerate's in .whl/"; exit 2; }
@@ -51,8 +56,9 @@ if [ "$WITH_3D" = 1 ]; then
     # shellcheck disable=SC2086
     python3 -m magic3d run dreambooth --profile "$PROFILE" --prompt "a sks duck" --subject "$WORK/subject" \
         --run "$WORK/run" $OVERRIDES > "$WORK/logs/text_to_3d.log" 2>&1; echo "dreambooth text-to-3D: exit $?"
+    # shellcheck disable=SC2086
     python3 -m magic3d run coarse_to_fine --profile "$PROFILE" --prompt "a pink duck" --run "$WORK/untuned" \
-        > "$WORK/logs/untuned_3d.log" 2>&1; echo "untuned text-to-3D: exit $?"
+        $UNTUNED_OVERRIDES > "$WORK/logs/untuned_3d.log" 2>&1; echo "untuned text-to-3D: exit $?"
     # "a sks duck" stands for the subject: its stages are graded as "a pink duck" (ground truth).
     python3 -m magic3d.eval run "$WORK/untuned" > "$WORK/logs/eval_untuned_3d.log" 2>&1
     python3 -m magic3d.eval run "$WORK/run" --as-prompt "a pink duck" > "$WORK/logs/eval_tuned_3d.log" 2>&1
