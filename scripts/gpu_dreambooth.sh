@@ -5,11 +5,12 @@
 # dreambooth): samples of "a sks duck" seen as a pink duck (target >= 0.8) against the untuned
 # prior's "a pink duck", language drift on the other ducks and the other pink objects (target:
 # within 0.05), LoRA size and training time. Prints one table; one tar comes back in $OUT.
-# WITH_3D=1 also runs text-to-3D: recipe dreambooth ("a sks duck", tuned guidance) and
-# coarse_to_fine ("a pink duck", untuned), both graded by `magic3d.eval run`.
+# WITH_3D=1 also runs text-to-3D (coarse_to_fine): "a sks duck" with the adapters (what recipe
+# dreambooth runs after personalising) and "a pink duck" untuned, graded by `magic3d.eval run`
+# against the pink duck's ground truth.
 # Usage: bash scripts/gpu_dreambooth.sh
-#   OVERRIDES: for the dreambooth recipes (personalise_pixel:key=value targets one stage);
-#   UNTUNED_OVERRIDES: for the untuned coarse_to_fine run. CPU check of every part:
+#   OVERRIDES: for the personalisation (personalise_pixel:key=value targets one stage);
+#   UNTUNED_OVERRIDES: for the two coarse_to_fine runs. CPU check of every part:
 #   PROFILE=cpu N_IMAGES=2 DRIFT=1 SAMPLE_STEPS=2 DRIFT_SHAPES=cube DRIFT_COLOURS=red WITH_3D=1 \
 #     OVERRIDES="trainer.max_steps=2 data.steps_per_epoch=2 run.checkpoint_every=2 run.video_views=2
 #       model.preview_every=0 personalise_pixel:model.n_class_images=1 personalise_latent:model.n_class_images=1"
@@ -53,17 +54,21 @@ table = personalisation_markdown(results)
 print(table)
 PY
 if [ "$WITH_3D" = 1 ]; then
+    # The recipe dreambooth's text-to-3D half with the adapters made above: the same coarse_to_fine
+    # stages as the untuned baseline, only the guidance's lora differs.
     # shellcheck disable=SC2086
-    python3 -m magic3d run dreambooth --profile "$PROFILE" --prompt "a sks duck" --subject "$WORK/subject" \
-        --run "$WORK/run" $OVERRIDES > "$WORK/logs/text_to_3d.log" 2>&1; echo "dreambooth text-to-3D: exit $?"
+    python3 -m magic3d run coarse_to_fine --profile "$PROFILE" --prompt "a sks duck" --run "$WORK/tuned" \
+        "coarse:model.guidance.lora=$WORK/run/personalise_pixel/lora" \
+        "fine:model.guidance.lora=$WORK/run/personalise_latent/lora" \
+        $UNTUNED_OVERRIDES > "$WORK/logs/tuned_3d.log" 2>&1; echo "tuned text-to-3D: exit $?"
     # shellcheck disable=SC2086
     python3 -m magic3d run coarse_to_fine --profile "$PROFILE" --prompt "a pink duck" --run "$WORK/untuned" \
         $UNTUNED_OVERRIDES > "$WORK/logs/untuned_3d.log" 2>&1; echo "untuned text-to-3D: exit $?"
     # "a sks duck" stands for the subject: its stages are graded as "a pink duck" (ground truth).
     python3 -m magic3d.eval run "$WORK/untuned" > "$WORK/logs/eval_untuned_3d.log" 2>&1
-    python3 -m magic3d.eval run "$WORK/run" --as-prompt "a pink duck" > "$WORK/logs/eval_tuned_3d.log" 2>&1
+    python3 -m magic3d.eval run "$WORK/tuned" --as-prompt "a pink duck" > "$WORK/logs/eval_tuned_3d.log" 2>&1
     tail -n 14 "$WORK"/logs/eval_*_3d.log
-    cp -r "$WORK/untuned/eval" "$WORK/pack_untuned_eval" 2>/dev/null; cp -r "$WORK/run/eval" "$WORK/pack_tuned_eval" 2>/dev/null
+    cp -r "$WORK/untuned/eval" "$WORK/pack_untuned_eval" 2>/dev/null; cp -r "$WORK/tuned/eval" "$WORK/pack_tuned_eval" 2>/dev/null
 fi
 echo "done after $(( $(date +%s) - start )) s"
 mkdir -p "$WORK/pack"; cp -r "$WORK/logs" "$WORK"/eval_*.json "$WORK/dreambooth.md" "$WORK/subject" "$WORK/pack/" 2>/dev/null

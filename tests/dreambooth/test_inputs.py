@@ -198,7 +198,7 @@ def test_the_recipe_wires_subject_and_lora_into_the_stage_configs(tmp_path: Path
     by_name = {s.name: s for s in recipe.stages}
     pixel = compose_stage(by_name["personalise_pixel"], "a sks duck", 0, [], "cpu", tmp_path, subject=str(pink_duck))
     assert pixel["model"]["init_args"]["subject"] == str(pink_duck)
-    assert pixel["model"]["init_args"]["n_class_images"] == 8, "the CPU profile applies"
+    assert pixel["model"]["init_args"]["n_class_images"] == 4, "the CPU profile applies"
     coarse = compose_stage(by_name["coarse"], "a sks duck", 0, [], "cpu", tmp_path, subject=str(pink_duck))
     assert "subject" not in coarse["model"]["init_args"], "only with_subject stages get the subject"
     assert coarse["model"]["init_args"]["guidance"]["init_args"]["lora"] == str(tmp_path / "personalise_pixel" / "lora")
