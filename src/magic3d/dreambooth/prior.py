@@ -23,7 +23,7 @@ from magic3d.guidance.frozen import TEXT_MAX_LENGTH, PipelineLayout
 from magic3d.guidance.latent_sds import LatentSDS, eps_from_prediction, vae_input_size
 from magic3d.guidance.loading import PipelineSource, half_dtype_for, module_dtype
 from magic3d.guidance.pixel_sds import PixelSDS
-from magic3d.guidance.prompts import uses_attention_mask
+from magic3d.guidance.prompts import release_text_encoder, uses_attention_mask
 
 
 class PersonalisedPrior(nn.Module):
@@ -104,7 +104,11 @@ class PersonalisedPrior(nn.Module):
 
     def release_text_encoder(self) -> None:
         """Free the text encoder once its embeddings are computed (IF's T5-XXL is 4.8 B parameters)."""
-        self.models.pop("text_encoder", None)
+        encoder = self.models.pop("text_encoder", None)
+        if encoder is not None:
+            device = next(encoder.parameters()).device
+            del encoder
+            release_text_encoder(device)
 
     def part(self, name: str) -> nn.Module:
         if name not in self.models:

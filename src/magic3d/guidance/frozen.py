@@ -13,6 +13,8 @@ checked against the prior at the first ``setup``, loaded onto the frozen UNet (a
 encoder, when the adapter tuned it, before the embeddings are computed), frozen like the rest.
 The embedding cache is keyed by such a text-encoder adapter and its scale; a UNet-only adapter
 leaves the text path untouched, so its embeddings are the base model's and share its cache.
+Modules handed over in memory (``from_modules``) get the adapter in place, unchecked (they have
+no folder to compare the adapter's base model with).
 """
 
 from __future__ import annotations
