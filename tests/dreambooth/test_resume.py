@@ -80,3 +80,23 @@ def test_a_checkpoint_of_other_settings_is_refused(straight: Path, tmp_path: Pat
     (stage / "DONE.json").unlink()
     with pytest.raises(ConfigError, match=r"rank: 4 -> 8"):
         run(stage, stage_config(tiny_pixel_pipeline, pink_duck, 6, rank=8))
+
+
+@pytest.mark.slow
+def test_two_processes_train_one_set_of_adapters(tmp_path: Path, tiny_pixel_pipeline: Path, pink_duck: Path) -> None:
+    """DDP over gloo on CPU: each of 2 ranks takes 1 of the 2 subject images per step, rank 0
+    alone writes the class images, previews, checkpoints and adapters."""
+    import subprocess
+    import sys
+
+    config = stage_config(tiny_pixel_pipeline, pink_duck, 2)
+    config["trainer"].update(devices=2, strategy="ddp")
+    stage = tmp_path / "personalise"
+    dump_yaml(config, stage / "config.yaml")
+    result = subprocess.run([sys.executable, "-m", "magic3d", "stage", "--config", str(stage / "config.yaml"),
+                             "--stage-dir", str(stage)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((stage / "DONE.json").read_text())["steps"] == 2
+    assert (stage / "lora" / LORA_WEIGHTS).is_file()
+    assert sorted(p.name for p in (stage / "train").iterdir()) == ["step_000000.png"]
+    assert sorted(p.name for p in (stage / "class_images").iterdir()) == ["0000.png", "0001.png", "manifest.json"]
