@@ -39,11 +39,17 @@ unexport edit
 EDIT_ARGS = $(call opt,--edit,edit) $(call opt,--base,base)
 # --- end prompt-based editing ---
 
+# --- DreamBooth personalisation (issue 12, dreambooth) ---
+# subject=FOLDER: photos of the subject for the recipe's personalisation stages
+# (make recipe=dreambooth subject=photos/ prompt="a sks duck"); already unexported above.
+SUBJECT_ARGS = $(call opt,--subject,subject)
+# --- end DreamBooth personalisation ---
+
 .DEFAULT_GOAL := run
 .PHONY: run help setup test test-gpu bench bench-priors notebook clean-cache priors eval mutate view ablation
 
-run: $(SETUP_STAMP) ## Run a recipe: make recipe=NAME prompt="..." [edit="..."] [base=RUN] [seed=N] [run=FOLDER] [profile=cpu|full] [gpus=N] [overrides="key=value ..."]
-	$(PY) -m magic3d run $(RECIPE_ARG) $(call opt,--prompt,prompt) $(EDIT_ARGS) $(call opt,--seed,seed) $(call opt,--profile,profile) $(call opt,--run,run) $(GPUS_ARG) $(OVERRIDES_ARG)
+run: $(SETUP_STAMP) ## Run a recipe: make recipe=NAME prompt="..." [edit="..."] [base=RUN] [subject=FOLDER] [seed=N] [run=FOLDER] [profile=cpu|full] [gpus=N] [overrides="key=value ..."]
+	$(PY) -m magic3d run $(RECIPE_ARG) $(call opt,--prompt,prompt) $(EDIT_ARGS) $(SUBJECT_ARGS) $(call opt,--seed,seed) $(call opt,--profile,profile) $(call opt,--run,run) $(GPUS_ARG) $(OVERRIDES_ARG)
 
 $(SETUP_STAMP): pyproject.toml scripts/setup.sh
 	@bash scripts/setup.sh

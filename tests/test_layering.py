@@ -2,7 +2,7 @@
 
 - no import cycles;
 - nothing on the training path (ops, scenes, guidance, data, system, stage, recipe,
-  checkpoints) reaches the evaluation package, prior training or the test helpers, even
+  checkpoints, dreambooth) reaches the evaluation package, prior training or the test helpers, even
   through a module in between.
 """
 
@@ -15,7 +15,7 @@ import magic3d
 
 PACKAGE_DIR = Path(magic3d.__file__).resolve().parent
 TRAINING_PATH = ("magic3d.ops", "magic3d.scenes", "magic3d.guidance", "magic3d.data", "magic3d.system",
-                 "magic3d.stage", "magic3d.recipe", "magic3d.checkpoints")
+                 "magic3d.stage", "magic3d.recipe", "magic3d.checkpoints", "magic3d.dreambooth")
 OFF_LIMITS = ("magic3d.eval", "magic3d.priors", "magic3d.testing")
 
 

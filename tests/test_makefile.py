@@ -49,7 +49,7 @@ def _make(tmp_path: Path, *assignments: str, target: str = "run") -> list[str]:
     stamp.touch()  # newer than pyproject.toml and scripts/setup.sh: setup is not run
     env = {k: v for k, v in os.environ.items()
            if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "recipe", "prompt", "run", "seed", "profile",
-                        "gpus", "overrides", "edit", "base"}}
+                        "gpus", "overrides", "edit", "base", "subject"}}
     env["ARGV_OUT"] = str(out)
     result = subprocess.run(["make", "-s", "-C", str(ROOT), target, f"PY={fake}", f"SETUP_STAMP={stamp}",
                              *assignments],
@@ -131,3 +131,9 @@ def test_ablation_options_are_passed_verbatim(tmp_path: Path) -> None:
                     "--variants", "ablations/x.yaml", "--prompts", "p $HOME.txt", "--seeds", "3",
                     "--baseline", "coarse_to_fine", "--profile", "cpu", "trainer.max_steps=5", "fine:data.width=32"]
 # --- end ablation ---
+
+
+def test_subject_folder_is_passed_verbatim(tmp_path: Path) -> None:
+    folder = "photos of my $HOME 'duck'/"
+    argv = _make(tmp_path, "recipe=dreambooth", "prompt=a sks duck", f"subject={folder}")
+    assert argv == ["-m", "magic3d", "run", "dreambooth", "--prompt", "a sks duck", "--subject", folder]

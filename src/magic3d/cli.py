@@ -26,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="edited prompt for the recipe's `prompt: edit` stages (recipe edit; default: the run's)")
     run.add_argument("--base", type=Path, default=None,
                      help="finished run whose stages on the base prompt are used instead of running them again")
+    run.add_argument("--subject", type=Path, default=None,
+                     help="folder of 2+ photos of the subject for the recipe's personalisation stages (recipe dreambooth)")
     run.add_argument("overrides", nargs="*", help="key.path=value, or stage:key.path=value")
 
     stage = sub.add_parser("stage", help="run one stage from a resolved config (used by run)")
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 run_recipe(args.recipe, prompt=args.prompt, seed=args.seed, overrides=args.overrides or None,
                            run_dir=args.run, runs_root=args.runs_root, profile=args.profile, edit=args.edit,
-                           base=args.base)
+                           base=args.base, subject=args.subject)
             except StageInterrupted as err:
                 print(f"[magic3d] {err}", file=sys.stderr)
                 return err.code

@@ -12,6 +12,11 @@ edit prompt (``edit=`` / ``--edit``), e.g. prompt-based editing (§6): coarse on
 then the edit and fine stages on "a blue cube". A base run (``base=RUN`` / ``--base``) supplies
 every stage on the base prompt from its own finished stages: they are read from there (never
 copied or changed), and only the stages on the edit prompt run in the new folder.
+
+Subject and outputs of earlier stages (DreamBooth, §6): a recipe stage with ``with_subject: true``
+gets the run's ``subject=`` folder as ``model.subject``; ``uses: {config.key: stage/path}`` sets a
+config key to a file or folder an earlier stage writes, e.g. the coarse stage's
+``model.guidance.lora: personalise_pixel/lora``. ``start: from`` wires checkpoints the same way.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 
 from magic3d.config import (
     ConfigError,
+    apply_override,
     apply_overrides,
     deep_merge,
     dump_yaml,
@@ -60,6 +66,8 @@ class StageSpec:
     cpu_profile: Path | None
     start: RecipeStart = field(default_factory=RecipeStart)
     prompt: str = "base"  # one of STAGE_PROMPTS
+    with_subject: bool = False  # model.subject = the run's subject= folder
+    uses: dict[str, str] = field(default_factory=dict)  # config key -> "<earlier stage>/<path in its folder>"
 
 
 @dataclass
@@ -77,6 +85,11 @@ class Recipe:
     def edit_stage_names(self) -> list[str]:
         """Stages that run on the edit prompt (``prompt: edit``)."""
         return [s.name for s in self.stages if s.prompt == "edit"]
+
+    @property
+    def subject_stage_names(self) -> list[str]:
+        """Stages that learn from the run's subject images (``with_subject: true``)."""
+        return [s.name for s in self.stages if s.with_subject]
 
 
 def available_recipes() -> list[str]:
@@ -114,9 +127,15 @@ def load_recipe(name: str) -> Recipe:
         if stage_prompt not in STAGE_PROMPTS:
             raise ConfigError(f"Recipe {name}, stage {entry['name']}: prompt must be one of {STAGE_PROMPTS} "
                               f"(the run's prompt or its edit prompt), got {stage_prompt!r}")
-        unknown = sorted(set(entry) - {"name", "config", "cpu_profile", "start", "prompt"})
+        unknown = sorted(set(entry) - {"name", "config", "cpu_profile", "start", "prompt", "with_subject", "uses"})
         if unknown:
             raise ConfigError(f"Recipe {name}, stage {entry['name']}: unknown keys {unknown}")
+        uses = dict(entry.get("uses") or {})
+        for key, source in uses.items():
+            source_stage = str(source).split("/", 1)[0]
+            if "/" not in str(source) or source_stage not in seen:
+                raise ConfigError(f"Recipe {name}, stage {entry['name']}: uses {key}: {source!r}, which is not "
+                                  f"'<earlier stage>/<path>' (earlier stages: {sorted(seen) or 'none'})")
         profile = entry.get("cpu_profile")
         stages.append(StageSpec(
             name=entry["name"],
@@ -124,6 +143,8 @@ def load_recipe(name: str) -> Recipe:
             cpu_profile=recipes_dir() / profile if profile else None,
             start=start,
             prompt=stage_prompt,
+            with_subject=bool(entry.get("with_subject", False)),
+            uses={str(k): str(v) for k, v in uses.items()},
         ))
         seen.add(entry["name"])
     if not stages:
@@ -171,15 +192,17 @@ def split_overrides(overrides: list[str], recipe: Recipe) -> dict[str | None, li
 
 def compose_stage(
     spec: StageSpec, prompt: str, seed: int, overrides: list[str], profile: str, run_dir: Path,
-    *, stage_dirs: dict[str, Path] | None = None,
+    *, stage_dirs: dict[str, Path] | None = None, subject: str | None = None,
 ) -> dict:
-    """The resolved config of one stage: stage file, CPU profile, prompt/seed, overrides.
+    """The resolved config of one stage: stage file, CPU profile, prompt/seed, subject, the
+    outputs of earlier stages it uses, overrides.
 
     ``prompt`` is this stage's (the run's, or its edit prompt: :meth:`RunSettings.prompt_for`).
     ``overrides`` are this stage's (already split by :func:`split_overrides`; a plain list
     may still hold ``stage:key=value`` entries for other stages, which are skipped).
     ``stage_dirs`` names the folders of earlier stages that are not ``run_dir / name`` (the
     stages a base run supplies); the stage starts from that folder's last checkpoint.
+    ``subject`` is the run's subject folder, given to a ``with_subject`` stage as ``model.subject``.
     """
     config = with_default_classes(load_composed(spec.config))
     if profile == "cpu" and spec.cpu_profile is not None:
@@ -192,6 +215,12 @@ def compose_stage(
         # conversion grid on CPU; the recipe decides where the stage starts from.
         config["start"] = {**(config.get("start") or {}), "checkpoint": str(source),
                            "mode": spec.start.mode, "converter": spec.start.converter}
+    if spec.with_subject and subject is not None:
+        config = deep_merge(config, {"model": {"init_args": {"subject": subject}}})
+    for key, source in spec.uses.items():
+        source_stage, rest = source.split("/", 1)
+        source_dir = (stage_dirs or {}).get(source_stage, run_dir / source_stage)
+        apply_override(config, key.split("."), str(source_dir / rest))
     own = []
     for text in overrides:
         key = text.split("=", 1)[0]
@@ -232,7 +261,8 @@ class RunSettings:
     """What a run was started with (``run.json``), so ``run=FOLDER`` alone continues it.
 
     ``edit``: the prompt of the recipe's ``prompt: edit`` stages; ``base``: the run folder that
-    supplies its stages on the base prompt (None: they run in this folder).
+    supplies its stages on the base prompt (None: they run in this folder); ``subject``: the
+    folder of subject photos of the recipe's ``with_subject`` stages (absolute).
     """
 
     recipe: str
@@ -242,6 +272,7 @@ class RunSettings:
     overrides: list[str] = field(default_factory=list)
     edit: str | None = None
     base: str | None = None
+    subject: str | None = None
 
     def prompt_for(self, spec: StageSpec) -> str:
         """The prompt a stage runs on."""
@@ -294,6 +325,7 @@ def stage_has_started(stage_dir: Path) -> bool:
 def resolve_settings(
     name: str | None, prompt: str | None, seed: int | None, overrides: list[str] | None,
     profile: str | None, run_dir: Path | None, edit: str | None = None, base: Path | str | None = None,
+    subject: Path | str | None = None,
 ) -> tuple[RunSettings, RunSettings | None]:
     """The settings to run with, and the ones the existing run folder was started with.
 
@@ -313,6 +345,12 @@ def resolve_settings(
         base = stored.base
     base = None if base is None else str(base)
     edit = check_edit(recipe, edit)
+    if subject is None and stored is not None:
+        subject = stored.subject
+    # Photos are only needed while a stage that learns from them has not finished.
+    photos_needed = run_dir is None or any(not (Path(run_dir) / name / "DONE.json").is_file()
+                                           for name in recipe.subject_stage_names)
+    subject = check_subject(recipe, subject, check_photos=photos_needed)
     if base is not None and (stored is None or stored.base != base or base_still_needed(recipe, run_dir)):
         base_settings = check_base_run(recipe, Path(base), run_dir)
         if prompt is None and stored is None:
@@ -333,7 +371,7 @@ def resolve_settings(
     if overrides is None:
         overrides = list(stored.overrides) if stored is not None else []
     settings = RunSettings(recipe=name, prompt=prompt, seed=check_seed(seed), profile=resolve_profile(profile),
-                           overrides=list(overrides), edit=edit, base=base)
+                           overrides=list(overrides), edit=edit, base=base, subject=subject)
     split_overrides(settings.overrides, recipe)  # an unknown stage prefix fails here
     return settings, stored
 
@@ -350,6 +388,28 @@ def check_edit(recipe: Recipe, edit: str | None) -> str | None:
         raise ConfigError(f"Recipe {recipe.name} has no stage on an edited prompt (prompt: edit), so edit= has "
                           "nothing to do: drop it, or use a recipe that edits (e.g. recipe=edit).")
     return edit
+
+
+def check_subject(recipe: Recipe, subject: Path | str | None, check_photos: bool = True) -> str | None:
+    """The subject folder (absolute), required by (and only by) a recipe with ``with_subject``
+    stages, and checked (2 or more readable photos) before anything runs."""
+    from magic3d.dreambooth.subject import find_subject_images
+
+    stages = recipe.subject_stage_names
+    if subject is not None and not str(subject).strip():
+        subject = None
+    if stages and subject is None:
+        raise ConfigError(f"Recipe {recipe.name} personalises its priors on photos of a subject ({', '.join(stages)}): "
+                          f'pass them with subject=FOLDER (e.g. make recipe={recipe.name} subject=photos/ '
+                          f'prompt="a sks duck").')
+    if subject is not None and not stages:
+        raise ConfigError(f"Recipe {recipe.name} has no stage that learns from subject images, so subject= has "
+                          "nothing to do: drop it, or use a recipe that personalises (e.g. recipe=dreambooth).")
+    if subject is None:
+        return None
+    if check_photos:
+        find_subject_images(subject)
+    return str(Path(subject).expanduser().resolve())
 
 
 def base_stage_names(recipe: Recipe) -> list[str]:
@@ -417,15 +477,17 @@ def run_recipe(
     profile: str | None = None,
     edit: str | None = None,
     base: Path | str | None = None,
+    subject: Path | str | None = None,
 ) -> Path:
     """Run (or continue) every stage of a recipe; returns the run folder.
 
     Arguments left as None take the run folder's settings on a continue (``run.json``), or
     the defaults (recipe coarse_to_fine, its default prompt, seed 0, profile auto). ``edit`` is
     the prompt of the recipe's ``prompt: edit`` stages; ``base`` a run folder whose finished
-    stages on the base prompt are used instead of running them here.
+    stages on the base prompt are used instead of running them here; ``subject`` the folder of
+    subject photos of a personalising recipe (recipe dreambooth).
     """
-    settings, stored = resolve_settings(name, prompt, seed, overrides, profile, run_dir, edit, base)
+    settings, stored = resolve_settings(name, prompt, seed, overrides, profile, run_dir, edit, base, subject)
     recipe = load_recipe(settings.recipe)
     if settings.profile == "cpu":
         announce_cpu_profile(recipe)
@@ -446,7 +508,7 @@ def run_recipe(
             continue
         stage_dir = run_dir / spec.name
         config = compose_stage(spec, settings.prompt_for(spec), settings.seed, settings.overrides, settings.profile,
-                               run_dir, stage_dirs=supplied)
+                               run_dir, stage_dirs=supplied, subject=settings.subject)
         existing = stage_dir / "config.yaml"
         if existing.is_file():
             previous = with_default_classes(load_yaml(existing))

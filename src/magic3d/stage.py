@@ -94,6 +94,10 @@ class StageModule(Protocol):
     def finish_stage(self, datamodule: Any, video_fps: int, video_views: int) -> dict[str, Any]:
         """After the last step, on rank 0: write the stage's products; return DONE.json entries."""
 
+    # Optional: ``check_resumable(found: FoundCheckpoint) -> None`` replaces the runner's
+    # tensor-by-tensor check_compatible() for a module whose state_dict is only complete after
+    # setup() (e.g. magic3d.dreambooth.module.DreamBooth: its adapters sit on a prior loaded there).
+
 
 def with_default_classes(config: dict) -> dict:
     """``model``/``data`` given as bare init args get the default class path."""
@@ -174,6 +178,20 @@ def validate_stage_config(config: dict, where: str = "stage"):
         raise ConfigError(f"Invalid config for {where}: {_short_error(err)}") from None
 
 
+def _instantiate(parser, cfg):
+    """Build the stage's parts; a ConfigError raised by one of them (a bad input it names) comes
+    out as itself, not inside jsonargparse's report of every union subtype it tried."""
+    try:
+        return parser.instantiate(cfg)
+    except Exception as err:  # noqa: BLE001 - jsonargparse wraps whatever __init__ raised
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
 def _wandb_mode(option: str) -> str | None:
     import os
 
@@ -238,7 +256,7 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
     config = with_default_classes(load_yaml(config_path))
     parser, cfg = validate_stage_config(config, where=str(config_path))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    init = parser.instantiate(cfg)
+    init = _instantiate(parser, cfg)
     model, datamodule = init.model, init.data
     if not isinstance(model, StageModule):
         raise ConfigError(f"model.class_path {type(model).__name__} is not a stage module: it needs "
@@ -257,7 +275,12 @@ def run_stage(config_path: Path, stage_dir: Path) -> None:
         else:
             model.start_from(source.checkpoint, start)
     if found is not None:
-        check_compatible(model, found)
+        # A stage whose weights exist only after setup() (adapters on a prior loaded there)
+        # says itself whether a checkpoint fits; Lightning then checks the tensors on restore.
+        if hasattr(model, "check_resumable"):
+            model.check_resumable(found)
+        else:
+            check_compatible(model, found)
 
     checkpoint_io = StageCheckpointIO()
     periodic = PeriodicCheckpoints(ckpt_dir, int(run.checkpoint_every), int(run.keep_checkpoints))

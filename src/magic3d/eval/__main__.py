@@ -6,6 +6,7 @@
   python -m magic3d.eval prompts FOLDER_OF_RUNS [--resolution 512] [--reevaluate]
   python -m magic3d.eval prior PIPELINE_FOLDER [--n-per-caption 8] [--steps 50] [--guidance-scale 5]
   python -m magic3d.eval robustness [--n-images 2000] [--classifier priors/evaluator]
+  python -m magic3d.eval dreambooth PIPELINE_FOLDER LORA_FOLDER [--n-images 32] [--out report.json]
 
 A coarse_to_fine run is reported stage by stage and as "fine vs coarse" (per-metric fine - coarse);
 --resolution 512 renders both stages at the fine stage's 512x512 (use a GPU: 16 views x 512^2).
@@ -55,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="evaluate the finished stages of one run")
     run.add_argument("run_dir", type=Path)
     run.add_argument("--stage", default=None, help="evaluate only this stage (even if unfinished)")
+    run.add_argument("--as-prompt", default=None,
+                     help='grade as this toy caption, e.g. "a pink duck" for a run of "a sks duck" (recipe dreambooth)')
     _add_views(run)
     _add_common(run)
 
@@ -86,6 +89,24 @@ def _parser() -> argparse.ArgumentParser:
     prior.add_argument("--seed", type=int, default=0)
     prior.add_argument("--out", type=Path, default=None, help="report folder (default <pipeline>/eval)")
     _add_common(prior)
+
+    dreambooth = commands.add_parser("dreambooth", help="grade a personalised prior: samples of its instance prompt "
+                                     "as the subject, against the untuned prior, and language drift")
+    dreambooth.add_argument("pipeline", type=Path, help="the prior folder the LoRA was trained on")
+    dreambooth.add_argument("lora", type=Path, help="<personalisation stage>/lora")
+    dreambooth.add_argument("--prompt", default=None, help="default: the LoRA card's instance prompt")
+    dreambooth.add_argument("--shape", default="duck", help="the subject's toy-world shape (default duck)")
+    dreambooth.add_argument("--colour", default="pink", help="the subject's toy-world colour (default pink)")
+    dreambooth.add_argument("--n-images", type=int, default=32, help="samples of the subject prompts")
+    dreambooth.add_argument("--n-per-drift-caption", type=int, default=4)
+    dreambooth.add_argument("--drift-shapes", nargs="*", default=(), help="default: every other shape")
+    dreambooth.add_argument("--drift-colours", nargs="*", default=(), help="default: every other colour")
+    dreambooth.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    dreambooth.add_argument("--guidance-scale", type=float, default=5.0)
+    dreambooth.add_argument("--batch-size", type=int, default=256)
+    dreambooth.add_argument("--seed", type=int, default=0)
+    dreambooth.add_argument("--out", type=Path, default=None, help="JSON report (default <lora>/eval.json)")
+    _add_common(dreambooth)
 
     robust = commands.add_parser("robustness", help="the evaluator's accuracy on ground truth degraded as "
                                                     "text-to-3D renders are (blur, translucency, floaters, noise)")
@@ -129,6 +150,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {json_path}")
         return 0
 
+    if args.command == "dreambooth":
+        import json
+
+        from magic3d.eval.dreambooth import evaluate_personalisation, personalisation_markdown
+
+        result = evaluate_personalisation(args.pipeline, args.lora, args.prompt, args.shape, args.colour,
+                                          args.n_images, args.n_per_drift_caption, tuple(args.drift_shapes),
+                                          tuple(args.drift_colours), args.steps, args.guidance_scale,
+                                          args.classifier, args.batch_size, args.device, args.seed)
+        out = args.out or args.lora / "eval.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        print(personalisation_markdown([result]))
+        print(f"wrote {out}")
+        return 0
+
     from magic3d.eval.aggregate import aggregate_runs
     from magic3d.eval.options import EvalOptions
     from magic3d.eval.prior import evaluate_prior
@@ -164,7 +201,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {json_path}, {md_path}")
         return 0
     if args.command == "run":
-        result = evaluate_run(args.run_dir, options, args.stage, args.classifier, args.device)
+        result = evaluate_run(args.run_dir, options, args.stage, args.classifier, args.device, args.as_prompt)
         print(result.markdown_path.read_text())
         print(f"wrote {result.json_path}, {result.markdown_path}, {result.sheet_path}")
         for record in result.wandb_runs:

@@ -79,8 +79,11 @@ class PriorPipeline:
     scaling_factor: float = 1.0
 
 
-def load_prior_pipeline(folder: Path, device: torch.device) -> PriorPipeline:
-    """A pixel (IF layout) or latent (Stable Diffusion layout: with vae/) prior folder, fp32."""
+def load_prior_pipeline(folder: Path, device: torch.device, lora: str | Path | None = None,
+                        lora_scale: float = 1.0) -> PriorPipeline:
+    """A pixel (IF layout) or latent (Stable Diffusion layout: with vae/) prior folder, fp32;
+    with ``lora``, a personalisation stage's adapters loaded as the guidance loads them (checked
+    against the folder first)."""
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer
@@ -103,8 +106,18 @@ def load_prior_pipeline(folder: Path, device: torch.device) -> PriorPipeline:
     if (folder / "vae").is_dir():
         vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).to(device).eval()
         scaling = float(vae.config.scaling_factor)
-    return PriorPipeline(unet, text_encoder.to(device).eval(), tokenizer, json.loads(scheduler_file.read_text()),
-                         vae, scaling)
+    text_encoder = text_encoder.to(device).eval()
+    if lora is not None:
+        from magic3d.guidance.latent_sds import LatentSDS
+        from magic3d.guidance.lora import read_lora
+        from magic3d.guidance.pixel_sds import PixelSDS
+
+        adapter = read_lora(lora)
+        adapter.check_base(str(folder), (LatentSDS if vae is not None else PixelSDS).LAYOUT.name)
+        adapter.apply(unet, "unet", lora_scale)
+        adapter.apply(text_encoder, "text_encoder", lora_scale)
+        unet, text_encoder = unet.to(device), text_encoder.to(device)
+    return PriorPipeline(unet, text_encoder, tokenizer, json.loads(scheduler_file.read_text()), vae, scaling)
 
 
 def prior_captions(
@@ -120,6 +133,40 @@ def prior_captions(
                 captions.append(caption(shape, colour, view_suffix(view)))
                 labels.append((SHAPE_NAMES.index(shape), COLOUR_NAMES.index(colour), view))
     return captions, labels
+
+
+@dataclass
+class GradedSamples:
+    """Samples of captions and, per sample, whether the evaluator saw what was asked."""
+
+    samples: Float[Tensor, "N H W 3"]
+    shape_ok: Tensor
+    colour_ok: Tensor
+    view_ok: Tensor
+
+
+@torch.no_grad()
+def grade_samples(pipe: PriorPipeline, model: ToyWorldClassifier, captions: list[str],
+                  labels: list[tuple[int, int, int]], steps: int, guidance_scale: float, batch_size: int,
+                  seed: int) -> GradedSamples:
+    """DDIM samples of ``captions`` (CFG against ""), classified against their (shape id, colour
+    id, view id) ``labels``."""
+    from magic3d.priors.sampling import ddim_sample
+
+    images = []
+    for k, start in enumerate(tqdm(range(0, len(captions), batch_size), desc="prior samples", unit="batch")):
+        batch = ddim_sample(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler_config,
+                            captions[start : start + batch_size], steps, guidance_scale, seed=seed + k,
+                            vae=pipe.vae, scaling_factor=pipe.scaling_factor)
+        images.append(batch.float() / 255.0)
+    samples = torch.cat(images)
+    prediction: Prediction = model.predict(samples)
+    label = torch.tensor(labels)
+    shape_idx = torch.tensor([class_index(model.shape_names, SHAPE_NAMES[s], "shape") for s in label[:, 0].tolist()])
+    colour_idx = torch.tensor([class_index(model.colour_names, COLOUR_NAMES[c], "colour") for c in label[:, 1].tolist()])
+    return GradedSamples(samples, prediction.shape_logits.argmax(-1) == shape_idx,
+                         prediction.colour_logits.argmax(-1) == colour_idx,
+                         prediction.view_logits.argmax(-1) == label[:, 2])
 
 
 @torch.no_grad()
@@ -144,7 +191,6 @@ def evaluate_prior(
     # The priors' own sampler and text path; imported on use (as before the split) so that
     # importing the evaluator does not import the prior-training package.
     from magic3d.priors.heldout import HELD_OUT_PAIRS, held_out_mask
-    from magic3d.priors.sampling import ddim_sample
 
     if n_per_caption < 1:
         raise ValueError(f"n_per_caption={n_per_caption} must be >= 1")
@@ -157,21 +203,9 @@ def evaluate_prior(
     colours = tuple(colours) or COLOUR_NAMES
     captions, labels = prior_captions(shapes, colours, n_per_caption)
 
-    images = []
-    for k, start in enumerate(tqdm(range(0, len(captions), batch_size), desc="prior samples", unit="batch")):
-        batch = ddim_sample(pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler_config,
-                            captions[start : start + batch_size], steps, guidance_scale, seed=seed + k,
-                            vae=pipe.vae, scaling_factor=pipe.scaling_factor)
-        images.append(batch.float() / 255.0)
-    samples = torch.cat(images)
-    prediction: Prediction = model.predict(samples)
-
-    label = torch.tensor(labels)
-    shape_idx = torch.tensor([class_index(model.shape_names, SHAPE_NAMES[s], "shape") for s in label[:, 0].tolist()])
-    colour_idx = torch.tensor([class_index(model.colour_names, COLOUR_NAMES[c], "colour") for c in label[:, 1].tolist()])
-    shape_ok = prediction.shape_logits.argmax(-1) == shape_idx
-    colour_ok = prediction.colour_logits.argmax(-1) == colour_idx
-    view_ok = prediction.view_logits.argmax(-1) == label[:, 2]
+    graded = grade_samples(pipe, model, captions, labels, steps, guidance_scale, batch_size, seed)
+    label, samples = torch.tensor(labels), graded.samples
+    shape_ok, colour_ok, view_ok = graded.shape_ok, graded.colour_ok, graded.view_ok
     asymmetric = torch.tensor([get_shape(SHAPE_NAMES[s]).asymmetric for s in label[:, 0].tolist()])
     held = held_out_mask(label[:, 0], label[:, 1])
 

@@ -45,10 +45,13 @@ def evaluate_run(
     stage: str | None = None,
     classifier: str | Path | ToyWorldClassifier = DEFAULT_FOLDER,
     device: str | torch.device = "auto",
+    as_prompt: str | None = None,
 ) -> RunEval:
     """Evaluate every finished stage (or ``stage``) and write eval.json / eval.md / contact_sheet.png.
 
     ``run_dir`` may also be one stage folder of a run: that stage alone is evaluated.
+    ``as_prompt`` grades every stage as if prompted with this toy caption (a personalised run's
+    "a sks duck" is the subject's "a pink duck").
     """
     from magic3d.runs import is_stage_dir
 
@@ -63,7 +66,7 @@ def evaluate_run(
     model = load_classifier(classifier, dev)
     results = []
     for stage_dir in tqdm(stages_to_evaluate(run_dir, stage), desc=f"eval {run_dir.name}", unit="stage"):
-        results.append(evaluate_stage(stage_dir, model, options, dev))
+        results.append(evaluate_stage(stage_dir, model, options, dev, as_prompt))
 
     comparisons = compare_stages(results)
     out = run_dir / EVAL_DIR

@@ -45,17 +45,33 @@ def stage_source(stage_dir: Path) -> str | None:
     return source.name if source.name and source.name != stage_dir.name else None
 
 
+def trains_a_scene(stage_dir: Path) -> bool:
+    """Whether the stage optimises a 3D scene (text-to-3D), not e.g. a personalisation's adapters."""
+    from magic3d.config import load_yaml
+    from magic3d.stage import with_default_classes
+
+    config_file = stage_dir / "config.yaml"
+    if not config_file.is_file():
+        return True  # nothing says otherwise: let the evaluation report what is missing
+    model = with_default_classes(load_yaml(config_file))["model"]
+    return "scene" in (model.get("init_args") or {})
+
+
 def evaluate_stage(
-    stage_dir: Path, classifier: ToyWorldClassifier, options: EvalOptions, device: torch.device
+    stage_dir: Path, classifier: ToyWorldClassifier, options: EvalOptions, device: torch.device,
+    as_prompt: str | None = None,
 ) -> StageResult:
     """:func:`evaluate_scene` on the stage's scene rebuilt from its last checkpoint, with the
-    stage's prompt, steps and source stage."""
+    stage's prompt (or ``as_prompt``: the toy caption a personalised prompt such as "a sks
+    duck" stands for), steps and source stage."""
     from magic3d.runs import load_stage_scene, stage_summary
 
     summary = stage_summary(stage_dir)
-    prompt = stage_prompt(stage_dir)
+    prompt = as_prompt or stage_prompt(stage_dir)
     scene = load_stage_scene(stage_dir, device)
     result = evaluate_scene(scene, prompt, classifier, options, stage=stage_dir.name)
+    if as_prompt:
+        result.notes.append(f"graded as {as_prompt!r} (the stage's prompt: {stage_prompt(stage_dir)!r})")
     result.started_from = stage_source(stage_dir)
     result.finished = summary is not None
     if summary is not None:
@@ -68,10 +84,15 @@ def evaluate_stage(
 
 
 def stages_to_evaluate(run_dir: Path, stage: str | None) -> list[Path]:
-    """Every finished stage of the run, or ``stage`` alone (finished or not, once it has a checkpoint)."""
+    """Every finished stage of the run that made a 3D scene, or ``stage`` alone (finished or not,
+    once it has a checkpoint)."""
     from magic3d.runs import stages
 
-    found = stages(run_dir)
+    everything = stages(run_dir)
+    found = [p for p in everything if trains_a_scene(p)]
+    if stage is not None and stage in {p.name for p in everything} - {p.name for p in found}:
+        raise ValueError(f"stage {stage!r} of {run_dir} makes no 3D scene (a personalisation stage): grade its "
+                         "prior with python -m magic3d.eval dreambooth PRIOR_FOLDER <stage>/lora")
     if stage is not None:
         chosen = [p for p in found if p.name == stage]
         if not chosen:

@@ -17,6 +17,7 @@ Conventions (DreamFusion / Magic3D, REFERENCE.md):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, get_args, runtime_checkable
@@ -215,6 +216,10 @@ class ScoreDistillation(nn.Module):
             by azimuth between the view prompts, the neighbouring views as negative prompts
             (their guidance perpendicular to the positive's, weighted by azimuth). Twice the
             UNet samples per step; needs ``view_dependent_prompting``.
+        lora: a DreamBooth adapter folder (``<personalisation stage>/lora``, see
+            :mod:`magic3d.guidance.lora`) loaded onto the frozen prior in ``setup``; one trained
+            on another prior is refused. None: the prior as it is.
+        lora_scale: strength of the adapter (0: the untuned prior, 1: as trained).
     """
 
     LAYOUT: ClassVar[PipelineLayout]
@@ -236,6 +241,8 @@ class ScoreDistillation(nn.Module):
         max_batch_per_unet_call: int | None = None,
         enable_channels_last: bool = False,
         perp_neg: bool = False,
+        lora: str | None = None,
+        lora_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if perp_neg and not view_dependent_prompting:
@@ -258,7 +265,10 @@ class ScoreDistillation(nn.Module):
         self.schedule = TimestepSchedule(
             min_step_percent, max_step_percent, tuple(anneal_to) if anneal_to else None
         )
-        self.frozen = FrozenPipeline(self.LAYOUT, pretrained, half_precision, negative_prompt, cache_dir, variant)
+        if not math.isfinite(lora_scale):
+            raise ValueError(f"lora_scale={lora_scale} must be a finite number (1.0: the adapter as trained).")
+        self.frozen = FrozenPipeline(self.LAYOUT, pretrained, half_precision, negative_prompt, cache_dir, variant,
+                                     lora=lora, lora_scale=lora_scale)
         # Set in setup(); a plain tensor attribute, not a buffer, so it never enters the state_dict.
         self.alphas_cumprod: Tensor | None = None
 

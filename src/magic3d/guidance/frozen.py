@@ -7,6 +7,14 @@ gets the prompt's text embeddings through the disk cache and frees the text enco
 it again only re-places the models and, for a new prompt, fetches that prompt's embeddings.
 Pixel and latent guidance share it by composition and differ only in their
 :class:`PipelineLayout` (which parts, which text encoder).
+
+With ``lora`` (a DreamBooth adapter folder, :mod:`magic3d.guidance.lora`) the adapter is read and
+checked against the prior at the first ``setup``, loaded onto the frozen UNet (and onto the text
+encoder, when the adapter tuned it, before the embeddings are computed), frozen like the rest.
+The embedding cache is keyed by such a text-encoder adapter and its scale; a UNet-only adapter
+leaves the text path untouched, so its embeddings are the base model's and share its cache.
+Modules handed over in memory (``from_modules``) get the adapter in place, unchecked (they have
+no folder to compare the adapter's base model with).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from magic3d.guidance.lora import LoraAdapter, read_lora
 from magic3d.guidance.loading import (
     PipelineSource,
     canonical_device,
@@ -77,6 +86,8 @@ class FrozenPipeline:
         negative_prompt: str = "",
         cache_dir: str | None = None,
         variant: str | None = None,
+        lora: str | None = None,
+        lora_scale: float = 1.0,
     ) -> None:
         self.layout = layout
         self.pretrained = pretrained
@@ -84,6 +95,9 @@ class FrozenPipeline:
         self.negative_prompt = negative_prompt
         self.cache_dir = cache_dir
         self.variant = variant
+        self.lora = lora
+        self.lora_scale = float(lora_scale)
+        self.adapter: LoraAdapter | None = None  # read in setup()
         self._in_memory: InMemoryParts | None = None
         self._from_memory = False
         self.models: dict[str, nn.Module] = {}
@@ -130,17 +144,24 @@ class FrozenPipeline:
             self.place(device, prepare)
             return
         self.prompt = prompt
+        if self.lora is not None:
+            self.adapter = read_lora(self.lora)
+            if not self._from_memory:  # in-memory modules have no name or files to compare
+                self.adapter.check_base(self.pretrained, self.layout.name)
         if self._in_memory is not None:
             source, self._in_memory = self._in_memory, None
             models, self.scheduler, embeddings = source.models, source.scheduler, source.text_embeddings
+            self._apply_adapter(models["unet"], "unet")
             if embeddings is None:
                 text_encoder = source.text_encoder.to(device)
+                self._apply_adapter(text_encoder, "text_encoder")
                 embeddings = compute_prompt_embeddings(
                     source.tokenizer, text_encoder, prompt, self.negative_prompt, TEXT_MAX_LENGTH)
                 del text_encoder
             release_text_encoder(device)
         else:
             models = {name: self._load_part(name, dtype) for name in self.layout.parts}
+            self._apply_adapter(models["unet"], "unet")
             self.scheduler = self.source().load_scheduler()
             embeddings = self._cached_embeddings(prompt, device, dtype)
         self.models = {name: module.requires_grad_(False).eval() for name, module in models.items()}
@@ -175,7 +196,13 @@ class FrozenPipeline:
         import transformers
 
         encoder_class = getattr(transformers, self.layout.text_encoder_class)
-        return self.source().load_text_encoder(encoder_class, device, dtype, self.variant)
+        tokenizer, encoder = self.source().load_text_encoder(encoder_class, device, dtype, self.variant)
+        self._apply_adapter(encoder, "text_encoder")
+        return tokenizer, encoder.to(device)
+
+    def _apply_adapter(self, module: nn.Module, part: str) -> None:
+        if self.adapter is not None:
+            self.adapter.apply(module, part, self.lora_scale)
 
     def _cached_embeddings(self, prompt: str, device: torch.device, dtype: torch.dtype) -> PromptEmbeddings:
         return self.source().cached_embeddings(
@@ -185,4 +212,6 @@ class FrozenPipeline:
             load_encoder=lambda: self._load_text_encoder(device, dtype),
             device=device,
             cache_dir=self.cache_dir,
+            encoder_adapter=(self.adapter.text_encoder_fingerprint(self.lora_scale)
+                             if self.adapter is not None and self.adapter.adapts_text_encoder else ""),
         )

@@ -130,12 +130,17 @@ class PipelineSource:
         load_encoder: Any,
         device: torch.device,
         cache_dir: str | None,
+        encoder_adapter: str = "",
     ) -> PromptEmbeddings:
-        """Embeddings from the disk cache, calling ``load_encoder()`` only on a miss."""
+        """Embeddings from the disk cache, calling ``load_encoder()`` only on a miss.
+
+        ``encoder_adapter`` identifies an adapter loaded onto the text encoder (weights and
+        scale; "" for none): it is part of the encoder's fingerprint, so the key changes with it.
+        """
         folder = self.local_folder()
         return load_or_compute_prompt_embeddings(
             model_id=str(folder) if folder is not None else self.pretrained,
-            encoder_fingerprint=self.text_encoder_fingerprint(),
+            encoder_fingerprint=self.text_encoder_fingerprint() + (f"+{encoder_adapter}" if encoder_adapter else ""),
             prompt=prompt,
             negative_prompt=negative_prompt,
             max_length=max_length,
