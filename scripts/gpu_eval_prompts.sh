@@ -5,7 +5,8 @@
 # Results travel back as one tar. Usage: bash scripts/gpu_eval_prompts.sh [coarse steps] [fine steps]
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
-STEPS=${1:-800}; FINE_STEPS=${2:-300}; STREAMS=${STREAMS:-4}  # 6 streams + the two-stage run ran one prompt out of GPU memory
+STEPS=${1:-800}; FINE_STEPS=${2:-300}; STREAMS=${STREAMS:-4}  # 6 streams + the two-stage run ran one prompt out of an H100's 80 GB
+FINE_GUIDANCE=${FINE_GUIDANCE:-100}  # e.g. "100 20 7.5": one two-stage run each
 nvidia-smi --query-gpu=name --format=csv,noheader
 PROMPTS=("a red cube" "a blue sphere" "a green cylinder" "a yellow cone" "a purple torus" "an orange pyramid"
          "a white house" "a pink mug" "a cyan chair" "a brown duck" "a red car" "a blue snowman")
@@ -15,11 +16,13 @@ COARSE=(trainer.max_steps=$STEPS data.batch_size=8 data.steps_per_epoch=$((STEPS
         run.checkpoint_every=$STEPS run.video_views=24)
 start=$(date +%s)
 mkdir -p /tmp/runs /tmp/c2f /tmp/logs
-# The two-stage run first: it is the longest.
-timeout 480 python3 -m magic3d run coarse_to_fine --prompt "a red car" --run /tmp/c2f/a-red-car \
-    "${COARSE[@]/#/coarse:}" fine:trainer.max_steps=$FINE_STEPS fine:data.batch_size=8 \
-    fine:data.steps_per_epoch=$((FINE_STEPS / 2)) fine:run.checkpoint_every=$FINE_STEPS fine:run.video_views=24 \
-    > /tmp/logs/c2f.log 2>&1 &
+# The two-stage runs first: they are the longest. One per fine guidance scale in FINE_GUIDANCE.
+for g in $FINE_GUIDANCE; do
+    timeout 480 python3 -m magic3d run coarse_to_fine --prompt "a red car" --run "/tmp/c2f/a-red-car-fine-g$g" \
+        "${COARSE[@]/#/coarse:}" fine:trainer.max_steps=$FINE_STEPS fine:data.batch_size=8 \
+        fine:data.steps_per_epoch=$((FINE_STEPS / 2)) fine:run.checkpoint_every=$FINE_STEPS fine:run.video_views=24 \
+        fine:model.guidance.guidance_scale=$g > "/tmp/logs/c2f-g$g.log" 2>&1 &
+done
 run_stream() {
     local i
     for ((i = $1; i < ${#PROMPTS[@]}; i += STREAMS)); do
@@ -32,9 +35,11 @@ run_stream() {
 for ((s = 0; s < STREAMS; s++)); do run_stream $s & done
 wait
 echo "runs done after $(( $(date +%s) - start )) s"
-tail -3 /tmp/logs/c2f.log
+tail -n 3 /tmp/logs/c2f-*.log
 python3 -m magic3d.eval prompts /tmp/runs > /tmp/logs/eval_prompts.log 2>&1; echo "eval prompts: exit $?"
-python3 -m magic3d.eval run /tmp/c2f/a-red-car --resolution 512 > /tmp/logs/eval_c2f.log 2>&1; echo "eval c2f: exit $?"
+for d in /tmp/c2f/*; do
+    python3 -m magic3d.eval run "$d" --resolution 512 > "/tmp/logs/eval_$(basename "$d").log" 2>&1; echo "eval $(basename "$d"): exit $?"
+done
 echo "all done after $(( $(date +%s) - start )) s"
 mkdir -p /tmp/pack
 cp -r /tmp/logs /tmp/pack/
@@ -49,8 +54,8 @@ for d in /tmp/runs/* /tmp/c2f/*; do
     done
 done
 cp /tmp/runs/eval_summary.* /tmp/pack/ 2>/dev/null
-cp /tmp/c2f/a-red-car/fine/turntable.mp4 /tmp/pack/c2f_fine_turntable.mp4 2>/dev/null
+for d in /tmp/c2f/*; do cp "$d/fine/turntable.mp4" "/tmp/pack/two-stage-$(basename "$d")_fine.mp4" 2>/dev/null; done
 tar -cf "$OUT/eval_pack.tar" -C /tmp/pack .
 cat /tmp/runs/eval_summary.md 2>/dev/null | head -40
-grep -A8 "fine vs coarse" /tmp/c2f/a-red-car/eval/eval.md 2>/dev/null
+for d in /tmp/c2f/*; do echo "== $(basename "$d")"; grep -A8 "fine vs coarse" "$d/eval/eval.md" 2>/dev/null; done
 ls -la "$OUT"
