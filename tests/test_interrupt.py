@@ -206,3 +206,30 @@ def test_the_child_does_not_outlive_a_parent_that_fails(tmp_path: Path) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(int(pid_file.read_text()), 0)  # killed and reaped
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.parametrize("finished_stages, expected", [
+    (0, "stage 'coarse' stopped at a step boundary"),
+    (1, "arrived after stage 'coarse' had finished (nothing of it is lost); the later stages did not start"),
+    (2, "arrived after the last stage 'fine' had finished: the run in"),
+])
+def test_a_signal_after_the_stage_finished_is_not_called_a_stop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                finished_stages: int, expected: str) -> None:
+    """A signal that lands while a stage closes its files, after DONE.json, must not send the
+    user to a last.ckpt "kept" for a stage that is in fact done (seen on the GPU under `timeout`)."""
+    import magic3d.recipe as recipe
+    from magic3d.child_process import ChildResult
+
+    calls = []
+
+    def stage_signalled_at_the_end(cmd: list[str], env=None) -> ChildResult:
+        stage_dir = Path(cmd[cmd.index("--stage-dir") + 1])
+        calls.append(stage_dir.name)
+        if len(calls) <= finished_stages:
+            (stage_dir / "DONE.json").write_text("{}")
+        return ChildResult(0, None) if len(calls) < finished_stages else ChildResult(143, "SIGTERM")
+
+    monkeypatch.setattr(recipe, "run_child", stage_signalled_at_the_end)
+    with pytest.raises(recipe.StageInterrupted, match=expected.replace("(", r"\(").replace(")", r"\)")) as err:
+        recipe.run_recipe("coarse_to_fine", prompt="a red cube", run_dir=tmp_path / "run", profile="cpu")
+    assert err.value.code == 128 + signal.SIGTERM

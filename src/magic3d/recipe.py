@@ -542,7 +542,8 @@ def run_recipe(
         result = run_child(cmd)
         if result.signal_name is not None or result.returncode in (130, 143):
             name = result.signal_name or ("SIGINT" if result.returncode == 130 else "SIGTERM")
-            raise StageInterrupted(spec.name, stage_dir, name)
+            raise StageInterrupted(spec.name, stage_dir, name, finished=(stage_dir / "DONE.json").is_file(),
+                                   last=spec is recipe.stages[-1])
         if result.returncode != 0:
             kept = stage_has_started(stage_dir)
             if not kept:
@@ -566,11 +567,22 @@ def discard_unstarted_stage(stage_dir: Path, created_run_dir: Path | None) -> No
 
 
 class StageInterrupted(RuntimeError):
-    """A stage stopped by SIGINT/SIGTERM at a step boundary, with last.ckpt saved."""
+    """A stage stopped by SIGINT/SIGTERM at a step boundary, with last.ckpt saved; or, when the
+    signal came after the stage had written DONE.json (while it closed its files), a finished
+    stage, which the message must not call stopped."""
 
-    def __init__(self, stage: str, stage_dir: Path, signal_name: str) -> None:
-        super().__init__(f"{signal_name}: stage '{stage}' stopped at a step boundary; its last.ckpt is kept in "
-                         f"{stage_dir / 'checkpoints'}. Continue with `make run={stage_dir.parent}`.")
+    def __init__(self, stage: str, stage_dir: Path, signal_name: str, finished: bool = False,
+                 last: bool = False) -> None:
+        if not finished:
+            message = (f"{signal_name}: stage '{stage}' stopped at a step boundary; its last.ckpt is kept in "
+                       f"{stage_dir / 'checkpoints'}. Continue with `make run={stage_dir.parent}`.")
+        elif last:
+            message = (f"{signal_name} arrived after the last stage '{stage}' had finished: the run in "
+                       f"{stage_dir.parent} is complete.")
+        else:
+            message = (f"{signal_name} arrived after stage '{stage}' had finished (nothing of it is lost); the "
+                       f"later stages did not start. Continue with `make run={stage_dir.parent}`.")
+        super().__init__(message)
         self.code = 128 + signal.Signals[signal_name].value
 
 
