@@ -27,15 +27,31 @@ class InstancePrompt:
     identifier: str  # "sks"
     class_noun: str  # "duck"
     class_prompt: str  # "a duck"
+    # Several class prompts ("a red duck", "a green duck", ...), expanded; None: class_prompt alone.
+    class_prompts: tuple[str, ...] | None = None
+
+    @property
+    def preserved_prompts(self) -> tuple[str, ...]:
+        """The prompts prior preservation samples and trains on, in order."""
+        return self.class_prompts if self.class_prompts is not None else (self.class_prompt,)
+
+
+CLASS_PLACEHOLDER = "{class}"
+_LEFTOVER_BRACES = re.compile(r"\{[^{}]*\}|[{}]")
 
 
 def _bare(word: str) -> str:
     return re.sub(r"^\W+|\W+$", "", word)
 
 
-def parse_instance_prompt(prompt: str, identifier: str, class_prompt: str | None = None) -> InstancePrompt:
+def parse_instance_prompt(prompt: str, identifier: str, class_prompt: str | None = None,
+                          class_prompts: list[str] | None = None) -> InstancePrompt:
     """Split "a sks duck" into identifier and class noun; the class prompt defaults to the prompt
-    without its identifier ("a duck"). One-line errors name the fix."""
+    without its identifier ("a duck"). ``class_prompts`` replaces it with several, ``{class}``
+    standing for the class noun (:func:`expand_class_prompts`). One-line errors name the fix."""
+    if class_prompt is not None and class_prompts is not None:
+        raise ConfigError(f"Both class_prompt={class_prompt!r} and class_prompts are set: give one, e.g. "
+                          f"class_prompts: [{class_prompt!r}] (or class_prompts: null to keep class_prompt).")
     identifier = (identifier or "").strip()
     if not identifier or any(c.isspace() for c in identifier):
         raise ConfigError(f"identifier={identifier!r} must be one word (e.g. sks): the rare token that will name "
@@ -56,7 +72,33 @@ def parse_instance_prompt(prompt: str, identifier: str, class_prompt: str | None
     elif identifier.lower() in [_bare(w).lower() for w in class_prompt.split()]:
         raise ConfigError(f"class_prompt={class_prompt!r} contains the identifier {identifier!r}: the class prompt "
                           "names the class alone (e.g. \"a duck\").")
-    return InstancePrompt(prompt=prompt, identifier=identifier, class_noun=class_noun, class_prompt=class_prompt)
+    expanded = None if class_prompts is None else expand_class_prompts(class_prompts, identifier, class_noun)
+    return InstancePrompt(prompt=prompt, identifier=identifier, class_noun=class_noun, class_prompt=class_prompt,
+                          class_prompts=expanded)
+
+
+def expand_class_prompts(class_prompts: list[str], identifier: str, class_noun: str) -> tuple[str, ...]:
+    """``{class}`` in each prompt replaced by ``class_noun`` ("a red {class}" -> "a red duck"), so a
+    recipe lists them without knowing the subject. Refuses an empty list, an empty prompt, any
+    other ``{placeholder}`` (or a stray brace) and a prompt with the identifier in it."""
+    if isinstance(class_prompts, str) or not class_prompts:
+        raise ConfigError(f"class_prompts={class_prompts!r} must be a non-empty list of prompts, e.g. "
+                          f'["a red {CLASS_PLACEHOLDER}", "a green {CLASS_PLACEHOLDER}"] (or null for class_prompt).')
+    expanded = []
+    for i, template in enumerate(class_prompts):
+        if not isinstance(template, str) or not template.strip():
+            raise ConfigError(f"class_prompts[{i}]={template!r} is empty: give each class prompt some text, "
+                              f'e.g. "a red {CLASS_PLACEHOLDER}".')
+        text = template.replace(CLASS_PLACEHOLDER, class_noun)
+        leftover = _LEFTOVER_BRACES.search(text)
+        if leftover is not None:
+            raise ConfigError(f"class_prompts[{i}]={template!r} has an unknown placeholder or stray brace {leftover.group()!r}: "
+                              f"the only one is {CLASS_PLACEHOLDER} (the class noun, {class_noun!r}).")
+        if identifier.lower() in [_bare(w).lower() for w in text.split()]:
+            raise ConfigError(f"class_prompts[{i}]={template!r} contains the identifier {identifier!r}: class prompts "
+                              f'name the class alone (e.g. "a red {CLASS_PLACEHOLDER}").')
+        expanded.append(text)
+    return tuple(expanded)
 
 
 def whole_word_token(tokenizer: Any, word: str) -> str | None:
