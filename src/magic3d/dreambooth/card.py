@@ -29,7 +29,8 @@ def write_card_readme(folder: Path, card: LoraCard, samples: Path | None = None)
         "| | |",
         "|---|---|",
         f"| instance prompt | {card.instance_prompt} |",
-        f"| class prompt (prior preservation) | {card.class_prompt} |",
+        (f"| class prompt (prior preservation) | {card.class_prompt} |" if card.class_prompt or not card.class_prompts
+         else f"| class prompts (prior preservation) | {'; '.join(card.class_prompts)} |"),
         f"| class images / loss weight | {card.n_class_images} / {card.prior_loss_weight:g} |",
         f"| steps | {card.steps} |",
         f"| training time | {card.seconds} s |",

@@ -5,6 +5,10 @@ made), so a resumed stage reads them back instead of sampling again, and a user 
 what the prior thinks "a duck" is. A manifest that does not match the current settings (another
 prompt, count, seed, sampler or prior) means the images are made afresh; the old folder is
 moved aside, never deleted. Under DDP rank 0 makes them and the other ranks read its files.
+
+With several class prompts ("a red duck", "a green duck", ...) image i shows prompt
+i % len(prompts) (round-robin), and the manifest records each image's prompt index
+(``prompt_index``), which a resumed stage reads back with the images.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -27,22 +32,48 @@ from magic3d.dreambooth.prior import PersonalisedPrior
 from magic3d.dreambooth.sampling import quantise, sample_images
 
 MANIFEST = "manifest.json"
+PROMPT_INDEX = "prompt_index"  # manifest key: each image's class prompt (only with several prompts)
 
 
-def _read(folder: Path, settings: dict[str, Any]) -> Float[Tensor, "N S S 3"] | None:
+@dataclass
+class ClassImages:
+    images: Float[Tensor, "N S S 3"]  # 8-bit quantised, channel-last in [0, 1]
+    prompt_index: Int[Tensor, "N"]  # which class prompt (row of the embeddings) each image shows
+
+
+def round_robin(n: int, n_prompts: int) -> Int[Tensor, "N"]:
+    """Image i shows prompt i % n_prompts: the prompts share the images evenly, in order."""
+    return torch.arange(n) % n_prompts
+
+
+def _recorded_index(manifest: dict[str, Any], n: int, n_prompts: int) -> Int[Tensor, "N"] | None:
+    if n_prompts == 1:
+        return torch.zeros(n, dtype=torch.long)
+    index = manifest.get(PROMPT_INDEX)
+    if (not isinstance(index, list) or len(index) != n
+            or not all(isinstance(i, int) and 0 <= i < n_prompts for i in index)):
+        return None
+    return torch.tensor(index, dtype=torch.long)
+
+
+def _read(folder: Path, settings: dict[str, Any], n_prompts: int) -> ClassImages | None:
     import imageio.v3 as iio
 
     manifest = folder / MANIFEST
     if not manifest.is_file():
         return None
     try:
-        if json.loads(manifest.read_text()) != settings:
+        recorded = json.loads(manifest.read_text())
+        if not isinstance(recorded, dict) or {k: v for k, v in recorded.items() if k != PROMPT_INDEX} != settings:
+            return None
+        index = _recorded_index(recorded, settings["n"], n_prompts)
+        if index is None:
             return None
         files = [folder / f"{i:04d}.png" for i in range(settings["n"])]
         images = [torch.from_numpy(iio.imread(f).astype(np.float32) / 255.0)[..., :3] for f in files]
     except (OSError, ValueError, json.JSONDecodeError):
         return None
-    return torch.stack(images)
+    return ClassImages(torch.stack(images), index)
 
 
 def _write(folder: Path, images: Float[Tensor, "N S S 3"], settings: dict[str, Any]) -> None:
@@ -62,7 +93,7 @@ def _write(folder: Path, images: Float[Tensor, "N S S 3"], settings: dict[str, A
 
 def make_class_images(
     prior: PersonalisedPrior,
-    cond: Float[Tensor, "L D"],
+    cond: Float[Tensor, "P L D"],
     uncond: Float[Tensor, "L D"],
     n: int,
     steps: int,
@@ -71,26 +102,31 @@ def make_class_images(
     settings: dict[str, Any],
     folder: Path | None = None,
     batch_size: int = 16,
-) -> Float[Tensor, "N S S 3"]:
-    """``n`` samples of the class prompt (embedding ``cond``) by the prior as it is now (the
-    stage calls this before adding adapters), read from ``folder`` when they were made before
-    with the same ``settings``, else made and written there. 8-bit quantised either way."""
+) -> ClassImages:
+    """``n`` samples of the P class prompts (embeddings ``cond``, round-robin over the images) by
+    the prior as it is now (the stage calls this before adding adapters), read from ``folder``
+    when they were made before with the same ``settings``, else made and written there. 8-bit
+    quantised either way."""
+    n_prompts = int(cond.shape[0])
     settings = {**settings, "n": n, "steps": steps, "guidance_scale": guidance_scale, "seed": seed,
                 "batch_size": batch_size}
     with rank_zero_first():
         if folder is not None:
-            found = _read(folder, settings)
+            found = _read(folder, settings, n_prompts)
             if found is not None:
                 return found
+        index = round_robin(n, n_prompts)
+        per_image = cond[index.to(cond.device)]  # each image sampled under its own prompt's embedding
         batches = []
         for k, start in enumerate(tqdm(range(0, n, batch_size), desc="class images", unit="batch", leave=False)):
-            count = min(batch_size, n - start)
-            batches.append(sample_images(prior, cond.expand(count, *cond.shape), uncond, steps, guidance_scale,
+            batches.append(sample_images(prior, per_image[start:start + batch_size], uncond, steps, guidance_scale,
                                          seed=seed + k).cpu())
         images = quantise(torch.cat(batches))
         if folder is not None and not _is_other_rank():
-            _write(folder, images, settings)
-        return images
+            # One prompt (today's class_prompt): the manifest keeps its keys, so old folders still match.
+            recorded = settings if n_prompts == 1 else {**settings, PROMPT_INDEX: index.tolist()}
+            _write(folder, images, recorded)
+        return ClassImages(images, index)
 
 
 def _is_other_rank() -> bool:

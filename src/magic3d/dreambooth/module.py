@@ -22,7 +22,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
+from jaxtyping import Float, Int
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
 from magic3d.checkpoints import FoundCheckpoint, StageStart
@@ -61,6 +62,9 @@ class DreamBooth(L.LightningModule):
         subject: folder of 2 or more PNG/JPEG photos of the subject (any size).
         identifier: the rare word that names the subject in ``prompt``.
         class_prompt: the prompt of the class images (default: ``prompt`` without the identifier).
+        class_prompts: several class prompts instead, ``{class}`` standing for the class noun
+            ("a red {class}" -> "a red duck"); the class images are shared among them round-robin
+            and each trains under its own prompt. None: ``class_prompt`` alone.
         allow_vocabulary_identifier: accept an identifier the tokenizer knows as one whole word
             (refused by default: tuning would overwrite its meaning).
         background: RGB in [0, 1] that transparent parts of the photos are composited over.
@@ -82,6 +86,7 @@ class DreamBooth(L.LightningModule):
         subject: str = "",
         identifier: str = "sks",
         class_prompt: str | None = None,
+        class_prompts: list[str] | None = None,
         allow_vocabulary_identifier: bool = False,
         background: tuple[float, float, float] = (1.0, 1.0, 1.0),
         rank: int = 4,
@@ -108,7 +113,7 @@ class DreamBooth(L.LightningModule):
         if not all(0.0 <= c <= 1.0 for c in background) or len(background) != 3:
             raise ConfigError(f"background={tuple(background)} must be three numbers in [0, 1] (RGB).")
         # Fail before the prior loads: these cost nothing to check.
-        self.instance = parse_instance_prompt(prompt, identifier, class_prompt)
+        self.instance = parse_instance_prompt(prompt, identifier, class_prompt, class_prompts)
         self.subject = str(Path(subject).expanduser()) if subject else ""
         self.subject_files = find_subject_images(subject)
         self.prior = prior
@@ -123,6 +128,10 @@ class DreamBooth(L.LightningModule):
         self.weight_decay = weight_decay
         self.eps = eps
         self.n_class_images = n_class_images if prior_loss_weight > 0 else 0
+        n_prompts = len(self.instance.preserved_prompts)
+        if 0 < self.n_class_images < n_prompts:
+            rank_zero_warn(f"n_class_images={self.n_class_images} is fewer than the {n_prompts} class_prompts: the "
+                           f"last {n_prompts - self.n_class_images} get no class images (raise n_class_images).")
         self.prior_loss_weight = prior_loss_weight
         self.class_sample_steps = class_sample_steps
         self.class_guidance_scale = class_guidance_scale
@@ -146,6 +155,7 @@ class DreamBooth(L.LightningModule):
         self._last_time: float | None = None
         self.subject_x0: Tensor | None = None  # plain attributes: data, not state
         self.class_x0: Tensor | None = None
+        self.class_prompt_index: Tensor | None = None  # each class image's row of the class embeddings
         self._embeddings: dict[str, Tensor] = {}
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -162,17 +172,22 @@ class DreamBooth(L.LightningModule):
         subject = load_subject_images(self.subject, size, self.background).images.to(device)
         self.subject_x0 = self.prior.encode_images(subject).detach()
         with torch.no_grad():
-            texts = [self.instance.prompt, self.instance.class_prompt, ""]
+            texts = [self.instance.prompt, *self.instance.preserved_prompts, ""]
             embeddings = self.prior.encode_text(texts)
-        self._embeddings = dict(zip(("instance", "class", "uncond"), embeddings))
+        # "class" holds one row per class prompt (a single row for today's class_prompt).
+        self._embeddings = {"instance": embeddings[0], "class": embeddings[1:-1], "uncond": embeddings[-1]}
         if self.n_class_images > 0:
             folder = self.output_dir / CLASS_IMAGES_FOLDER if self.output_dir is not None else None
-            settings = {"prompt": self.instance.class_prompt, "base_model": base_model_name(self.prior.pretrained),
+            # A single class_prompt keeps the manifest's "prompt" key, so earlier stage folders still match.
+            prompts = ({"prompts": list(self.instance.class_prompts)} if self.instance.class_prompts is not None
+                       else {"prompt": self.instance.class_prompt})
+            settings = {**prompts, "base_model": base_model_name(self.prior.pretrained),
                         "base_fingerprint": prior_fingerprint(self.prior.pretrained), "size": size}
-            images = make_class_images(self.prior, self._embeddings["class"], self._embeddings["uncond"],
-                                       self.n_class_images, self.class_sample_steps, self.class_guidance_scale,
-                                       seed=int(self._seed), settings=settings, folder=folder)
-            self.class_x0 = self.prior.encode_images(images.to(device)).detach()
+            made = make_class_images(self.prior, self._embeddings["class"], self._embeddings["uncond"],
+                                     self.n_class_images, self.class_sample_steps, self.class_guidance_scale,
+                                     seed=int(self._seed), settings=settings, folder=folder)
+            self.class_x0 = self.prior.encode_images(made.images.to(device)).detach()
+            self.class_prompt_index = made.prompt_index
         # Adapters after the class images: those are the frozen prior's own samples.
         self._add_adapter("unet", self.prior.unet, self.lora)
         if self.text_encoder_lora is not None:
@@ -239,7 +254,8 @@ class DreamBooth(L.LightningModule):
             identifier=self.instance.identifier,
             class_noun=self.instance.class_noun,
             instance_prompt=self.instance.prompt,
-            class_prompt=self.instance.class_prompt,
+            class_prompt=self.instance.class_prompt if self.instance.class_prompts is None else "",
+            class_prompts=list(self.instance.preserved_prompts),
             subject=self.subject,
             n_subject_images=len(self.subject_files),
             n_class_images=self.n_class_images,
@@ -256,15 +272,24 @@ class DreamBooth(L.LightningModule):
         samples = self.output_dir / "samples.png"
         self._write_samples(samples, key="samples")
         write_card_readme(folder, card, samples)
-        return {"lora": str(folder), "prompt": self.instance.prompt, "class_prompt": self.instance.class_prompt,
-                "lora_mb": card.size_mb, "losses": card.losses, "samples": str(samples)}
+        return {"lora": str(folder), "prompt": self.instance.prompt, "class_prompt": card.class_prompt,
+                "class_prompts": card.class_prompts, "lora_mb": card.size_mb, "losses": card.losses, "samples": str(samples)}
 
     # ------------------------------------------------------------------------------ training
     def _embedding(self, name: str) -> Tensor:
         if self.text_encoder_lora is None:
             return self._embeddings[name]
-        text = {"instance": self.instance.prompt, "class": self.instance.class_prompt, "uncond": ""}[name]
+        text = {"instance": self.instance.prompt, "uncond": ""}[name]
         return self.prior.encode_text([text])[0]
+
+    def _class_context(self, prompt_index: Int[Tensor, "K"]) -> Float[Tensor, "K L D"]:
+        """Each class image's own prompt's embedding; through the text encoder (with its adapters)
+        when it trains, encoding only the prompts this step uses."""
+        if self.text_encoder_lora is None:
+            return self._embeddings["class"][prompt_index.to(self._embeddings["class"].device)]
+        used, inverse = torch.unique(prompt_index, return_inverse=True)
+        prompts = self.instance.preserved_prompts
+        return self.prior.encode_text([prompts[int(i)] for i in used])[inverse.to(self.subject_x0.device)]
 
     def step_loss(self, batch_size: int, step: int) -> DreamBoothLoss:
         """The loss of one step of ``batch_size`` subject images (and as many class images)."""
@@ -276,7 +301,7 @@ class DreamBooth(L.LightningModule):
         if self.class_x0 is not None:
             chosen = torch.randint(len(self.class_x0), (batch_size,), generator=generator)
             x0.append(self.class_x0[chosen.to(device)])
-            context.append(self._embedding("class").expand(batch_size, -1, -1))
+            context.append(self._class_context(self.class_prompt_index[chosen]))
         x0 = torch.cat(x0)
         noise = torch.randn(x0.shape, generator=generator).to(device)
         t = torch.randint(0, self.prior.num_train_timesteps, (x0.shape[0],), generator=generator).to(device)

@@ -173,7 +173,8 @@ class LoraCard:
     identifier: str = ""
     class_noun: str = ""
     instance_prompt: str = ""
-    class_prompt: str = ""
+    class_prompt: str = ""  # the single class prompt ("" when class_prompts were given instead)
+    class_prompts: list[str] = field(default_factory=list)  # every prompt prior preservation kept
     subject: str = ""
     n_subject_images: int = 0
     n_class_images: int = 0
