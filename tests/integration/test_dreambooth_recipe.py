@@ -120,3 +120,17 @@ def test_text_to_3d_of_the_subject_is_graded_as_its_toy_caption(dreambooth_run: 
     assert all("graded as 'a pink duck'" in " ".join(r.notes) for r in result.stages)
     with pytest.raises(ValueError, match="makes no 3D scene"):
         evaluate_run(dreambooth_run, options, stage="personalise_pixel", classifier=random_classifier, device="cpu")
+
+
+# --- class_prompts (branch class-prompts) ---
+def test_a_class_prompt_beside_the_recipes_class_prompts_stops_the_first_stage(tmp_path: Path, pink_duck: Path,
+                                                                               tiny_pixel_pipeline: Path) -> None:
+    result = run_cli("run", "dreambooth", "--prompt", "a sks duck", "--subject", str(pink_duck),
+                     "--run", str(tmp_path / "run"), f"personalise_pixel:model.prior.pretrained={tiny_pixel_pipeline}",
+                     "personalise_pixel:model.class_prompt=a toy duck")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr and len(lines) <= 2, result.stderr[-2000:]
+    assert "Both class_prompt='a toy duck' and class_prompts are set" in lines[0] and "class_prompts: null" in lines[0]
+    assert not (tmp_path / "run").exists()
+# --- end class_prompts ---
