@@ -4,7 +4,7 @@
 - ``prior``: the prior it tunes (``PixelPrior``: IF layout; ``LatentPrior``: SD layout, in latent space).
 - ``data``: ``PersonalisationSteps``, the stage's data module (paces the steps).
 - ``subject``: the subject folder's photos: checked, cropped, resized, composited.
-- ``identifier``: the instance prompt ("a sks duck"), its class prompt, the rare-identifier check.
+- ``identifier``: the instance prompt ("a sks duck"), its class prompt(s), the rare-identifier check.
 - ``class_images``: the frozen prior's class images for prior preservation (cached in the stage).
 - ``losses``: DreamBooth's loss with prior preservation.
 - ``sampling``: DDIM samples for class images and previews.

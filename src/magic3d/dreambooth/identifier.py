@@ -92,8 +92,9 @@ def expand_class_prompts(class_prompts: list[str], identifier: str, class_noun: 
         text = template.replace(CLASS_PLACEHOLDER, class_noun)
         leftover = _LEFTOVER_BRACES.search(text)
         if leftover is not None:
-            raise ConfigError(f"class_prompts[{i}]={template!r} has an unknown placeholder or stray brace {leftover.group()!r}: "
-                              f"the only one is {CLASS_PLACEHOLDER} (the class noun, {class_noun!r}).")
+            raise ConfigError(f"class_prompts[{i}]={template!r} has an unknown placeholder or stray brace "
+                              f"{leftover.group()!r}: the only one is {CLASS_PLACEHOLDER} (the class noun, "
+                              f"{class_noun!r}).")
         if identifier.lower() in [_bare(w).lower() for w in text.split()]:
             raise ConfigError(f"class_prompts[{i}]={template!r} contains the identifier {identifier!r}: class prompts "
                               f'name the class alone (e.g. "a red {CLASS_PLACEHOLDER}").')

@@ -21,8 +21,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from jaxtyping import Float, Int
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
@@ -273,7 +273,8 @@ class DreamBooth(L.LightningModule):
         self._write_samples(samples, key="samples")
         write_card_readme(folder, card, samples)
         return {"lora": str(folder), "prompt": self.instance.prompt, "class_prompt": card.class_prompt,
-                "class_prompts": card.class_prompts, "lora_mb": card.size_mb, "losses": card.losses, "samples": str(samples)}
+                "class_prompts": card.class_prompts, "lora_mb": card.size_mb, "losses": card.losses,
+                "samples": str(samples)}
 
     # ------------------------------------------------------------------------------ training
     def _embedding(self, name: str) -> Tensor:
