@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 from magic3d.config import ConfigError, load_yaml
 from magic3d.recipe import RunSettings, resolve_settings
 
@@ -22,7 +22,12 @@ FEW_STEPS = ("trainer.max_steps=2", "data.steps_per_epoch=2", "run.checkpoint_ev
              "personalise_pixel:model.n_preview=1", "personalise_latent:model.n_preview=1",
              "personalise_pixel:model.preview_steps=1", "personalise_latent:model.preview_steps=1",
              "coarse:model.scene.blob_density=30", "fine:start.converter_args.resolution=32",
-             "fine:start.converter_args.texture_steps=5")
+             "fine:start.converter_args.texture_steps=5",
+             # The coarsest fine stage that still converts and renders a mesh (as the tiny ablation's),
+             # and one 32^2 validation view a stage: the recipe's wiring is under test, not quality.
+             "fine:model.scene.tet_resolution=8", "fine:data.height=32", "fine:data.width=32",
+             "coarse:data.n_val_views=1", "fine:data.n_val_views=1", "coarse:data.eval_height=32",
+             "coarse:data.eval_width=32", "fine:data.eval_height=32", "fine:data.eval_width=32")
 
 
 def priors(pixel: Path, latent: Path) -> list[str]:
@@ -95,8 +100,11 @@ def test_a_missing_subject_through_the_cli_is_one_line_and_leaves_nothing(tmp_pa
 
 
 def test_a_prompt_without_the_identifier_stops_the_first_stage(tmp_path: Path, pink_duck: Path,
-                                                               tiny_pixel_pipeline: Path) -> None:
-    result = run_cli("run", "dreambooth", "--prompt", "a pink duck", "--subject", str(pink_duck),
+                                                               tiny_pixel_pipeline: Path,
+                                                               capfd: pytest.CaptureFixture[str]) -> None:
+    # In-process runner (the stage is still its own process); the CLI path of a bad dreambooth
+    # input is test_a_missing_subject_through_the_cli_is_one_line_and_leaves_nothing.
+    result = run_main(capfd, "run", "dreambooth", "--prompt", "a pink duck", "--subject", str(pink_duck),
                      "--run", str(tmp_path / "run"), f"personalise_pixel:model.prior.pretrained={tiny_pixel_pipeline}")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +67,8 @@ def test_a_scribbled_checkpoint_is_skipped_for_the_previous_good_one(
     assert len([n for n in names if n.endswith(".ckpt")]) <= 3, "last + keep_checkpoints (2)"
 
 
-def test_run_folder_alone_continues_and_new_overrides_are_listed(finished_run: Path, tmp_path: Path) -> None:
+def test_run_folder_alone_continues_and_new_overrides_are_listed(finished_run: Path, tmp_path: Path,
+                                                                 capfd: pytest.CaptureFixture[str]) -> None:
     run_dir = copy_of(finished_run, tmp_path)
     settings = json.loads((run_dir / "run.json").read_text())
     assert settings["prompt"] == "a blue torus" and settings["recipe"] == "coarse_only"
@@ -76,13 +77,13 @@ def test_run_folder_alone_continues_and_new_overrides_are_listed(finished_run: P
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert "already finished" in alone.stdout
 
-    changed = run_cli("run", "--run", str(run_dir), "trainer.max_steps=8")
+    changed = run_main(capfd, "run", "--run", str(run_dir), "trainer.max_steps=8")  # the refusal: in-process
     assert changed.returncode == 2
     assert "trainer.max_steps: 4 -> 8" in one_line_error(changed)
 
 
-def test_an_unknown_stage_prefix_lists_the_stages(tmp_path: Path) -> None:
-    result = run_cli("run", "coarse_to_fine", "--run", str(tmp_path / "r"), "coarsee:trainer.max_stepz=5")
+def test_an_unknown_stage_prefix_lists_the_stages(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    result = run_main(capfd, "run", "coarse_to_fine", "--run", str(tmp_path / "r"), "coarsee:trainer.max_stepz=5")
     assert result.returncode == 2
     err = one_line_error(result)
     assert "coarsee" in err and "coarse, fine" in err
@@ -93,8 +94,9 @@ def test_an_unknown_stage_prefix_lists_the_stages(tmp_path: Path) -> None:
     (("--seed", "-1"), "seed=-1", "[0, 4294967295]"),
     (("data.batch_size=0",), "data.batch_size=0", "> 0"),
 ])
-def test_out_of_range_values_get_one_line(tmp_path: Path, argument: tuple[str, ...], key: str, rule: str) -> None:
-    result = run_cli("run", "coarse_only", "--run", str(tmp_path / "r"), *argument)
+def test_out_of_range_values_get_one_line(tmp_path: Path, argument: tuple[str, ...], key: str, rule: str,
+                                          capfd: pytest.CaptureFixture[str]) -> None:
+    result = run_main(capfd, "run", "coarse_only", "--run", str(tmp_path / "r"), *argument)
     assert result.returncode == 2
     err = one_line_error(result)
     assert key in err and rule in err and "out of range" in err
