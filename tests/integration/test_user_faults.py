@@ -13,9 +13,7 @@ from conftest import run_cli, run_main
 pytestmark = pytest.mark.slow
 
 FAST = ("trainer.max_steps=4", "data.steps_per_epoch=4", "run.checkpoint_every=2", "run.video_views=2",
-        "model.preview_every=0", "trainer.log_every_n_steps=1",
-        # One 32^2 validation view: these tests are about the run folder and its messages, not renders.
-        "data.n_val_views=1", "data.eval_height=32", "data.eval_width=32")
+        "model.preview_every=0", "trainer.log_every_n_steps=1")
 
 
 def coarse(run_dir: Path, pipeline: Path, *extra: str, prompt: str | None = "a blue torus"):
