@@ -59,17 +59,20 @@ def test_checkpoint_is_safe_and_self_describing(smoke_run: Path) -> None:
     assert not any(k.startswith("guidance.") for k in checkpoint["state_dict"]), "frozen prior leaked"
 
 
-def test_finished_stage_is_not_redone(smoke_run: Path, tiny_pixel_pipeline: Path) -> None:
+def test_finished_stage_is_not_redone(smoke_run: Path, tiny_pixel_pipeline: Path,
+                                      capfd: pytest.CaptureFixture[str]) -> None:
     before = (smoke_run / "coarse" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
-    result = run_cli("run", "coarse_only", "--prompt", "a red cube", "--run", str(smoke_run),
-                     f"model.guidance.pretrained={tiny_pixel_pipeline}", "run.wandb=offline",
-                     *SMOKE_OVERRIDES)
+    # In-process: test_user_faults continues a finished run folder through the command line.
+    result = run_main(capfd, "run", "coarse_only", "--prompt", "a red cube", "--run", str(smoke_run),
+                      f"model.guidance.pretrained={tiny_pixel_pipeline}", "run.wandb=offline",
+                      *SMOKE_OVERRIDES)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "already finished" in result.stdout
     assert (smoke_run / "coarse" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == before
 
 
-def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path, tiny_pixel_pipeline: Path) -> None:
+def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path, tiny_pixel_pipeline: Path,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     args = ["run", "coarse_only", "--prompt", "a blue torus", "--run", str(run_dir),
             # 20 steps: the Ctrl-C, sent ~0.5 s after step 2's checkpoint, lands well before the end.
@@ -95,7 +98,7 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path, tiny_pixel
     periodic = max(torch.load(p, weights_only=True)["global_step"] for p in checkpoints.glob("step*.ckpt"))
     assert interrupted_at >= periodic  # saved at the interrupt, not only at the last periodic save
 
-    result = run_cli(*args)
+    result = run_main(capfd, *args)  # the same command again, in-process (its stage is a process)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "resuming from" in result.stdout
     done = json.loads((run_dir / "coarse" / "DONE.json").read_text())

@@ -17,6 +17,9 @@ pytestmark = pytest.mark.slow
 
 FEW_STEPS = ("trainer.max_steps=2", "data.steps_per_epoch=2", "run.checkpoint_every=2", "run.video_views=2",
              "model.preview_every=0", "trainer.log_every_n_steps=1",
+             # One personalisation step a prior (a step of the toy pixel prior is ~4 s on 2 cores): enough
+             # to write the adapters that the text-to-3D stages must pick up.
+             "personalise_pixel:trainer.max_steps=1", "personalise_latent:trainer.max_steps=1",
              "personalise_pixel:model.n_class_images=1", "personalise_latent:model.n_class_images=1",
              "personalise_pixel:model.class_sample_steps=1", "personalise_latent:model.class_sample_steps=1",
              "personalise_pixel:model.n_preview=1", "personalise_latent:model.n_preview=1",
@@ -46,8 +49,8 @@ def dreambooth_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline
 
 
 def test_every_stage_finishes_and_text_to_3d_uses_the_tuned_priors(dreambooth_run: Path, pink_duck: Path) -> None:
-    for stage in ("personalise_pixel", "personalise_latent", "coarse", "fine"):
-        assert json.loads((dreambooth_run / stage / "DONE.json").read_text())["steps"] == 2, stage
+    for stage, steps in (("personalise_pixel", 1), ("personalise_latent", 1), ("coarse", 2), ("fine", 2)):
+        assert json.loads((dreambooth_run / stage / "DONE.json").read_text())["steps"] == steps, stage
     for stage, lora in (("coarse", "personalise_pixel"), ("fine", "personalise_latent")):
         guidance = load_yaml(dreambooth_run / stage / "config.yaml")["model"]["init_args"]["guidance"]["init_args"]
         assert guidance["lora"] == str(dreambooth_run / lora / "lora")
@@ -58,8 +61,8 @@ def test_every_stage_finishes_and_text_to_3d_uses_the_tuned_priors(dreambooth_ru
     assert (settings.recipe, settings.prompt, settings.subject) == ("dreambooth", "a sks duck", str(pink_duck.resolve()))
 
 
-def test_a_continued_run_keeps_its_subject(dreambooth_run: Path) -> None:
-    result = run_cli("run", "--run", str(dreambooth_run))  # nothing but the folder
+def test_a_continued_run_keeps_its_subject(dreambooth_run: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    result = run_main(capfd, "run", "--run", str(dreambooth_run))  # nothing but the folder (CLI: test_user_faults)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("already finished") == 4
 

@@ -67,8 +67,8 @@ def test_edit_recipe_runs_each_stage_on_its_prompt(edit_run: Path) -> None:
     assert (settings.prompt, settings.edit, settings.base) == ("a red cube", "a blue cube", None)
 
 
-def test_a_continued_edit_run_keeps_its_edit_prompt(edit_run: Path) -> None:
-    result = run_cli("run", "--run", str(edit_run))  # nothing but the folder
+def test_a_continued_edit_run_keeps_its_edit_prompt(edit_run: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    result = run_main(capfd, "run", "--run", str(edit_run))  # nothing but the folder (CLI path: test_user_faults)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("already finished") == 3
 
