@@ -48,6 +48,22 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
                           env=full_env, timeout=timeout)
 
 
+def run_main(capfd: pytest.CaptureFixture[str], *args: str):
+    """``python -m magic3d ...`` in this process (``magic3d.cli.main``, the code the command runs),
+    as a CompletedProcess like :func:`run_cli`'s. For error paths: a fresh interpreter spends ~5 s
+    importing Lightning before it reads the arguments. ``capfd`` also holds what a stage process
+    (started by the runner, writing to this process's file descriptors) printed. Each feature
+    keeps at least one test through :func:`run_cli`, the command exactly as a user types it."""
+    import subprocess
+
+    from magic3d.cli import main
+
+    capfd.readouterr()  # what earlier code printed is not this command's
+    code = main(list(args))
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["magic3d", *args], code, out, err)
+
+
 SMOKE_OVERRIDES = (
     "trainer.max_steps=6",
     "data.steps_per_epoch=3",

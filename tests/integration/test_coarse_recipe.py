@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import SMOKE_OVERRIDES, run_cli
+from conftest import SMOKE_OVERRIDES, run_cli, run_main
 from magic3d.config import recipes_dir
 from magic3d.recipe import available_recipes, compose_stage, load_recipe
 from magic3d.stage import validate_stage_config
@@ -59,21 +59,25 @@ def test_checkpoint_is_safe_and_self_describing(smoke_run: Path) -> None:
     assert not any(k.startswith("guidance.") for k in checkpoint["state_dict"]), "frozen prior leaked"
 
 
-def test_finished_stage_is_not_redone(smoke_run: Path, tiny_pixel_pipeline: Path) -> None:
+def test_finished_stage_is_not_redone(smoke_run: Path, tiny_pixel_pipeline: Path,
+                                      capfd: pytest.CaptureFixture[str]) -> None:
     before = (smoke_run / "coarse" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
-    result = run_cli("run", "coarse_only", "--prompt", "a red cube", "--run", str(smoke_run),
-                     f"model.guidance.pretrained={tiny_pixel_pipeline}", "run.wandb=offline",
-                     *SMOKE_OVERRIDES)
+    # In-process: test_user_faults continues a finished run folder through the command line.
+    result = run_main(capfd, "run", "coarse_only", "--prompt", "a red cube", "--run", str(smoke_run),
+                      f"model.guidance.pretrained={tiny_pixel_pipeline}", "run.wandb=offline",
+                      *SMOKE_OVERRIDES)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "already finished" in result.stdout
     assert (smoke_run / "coarse" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == before
 
 
-def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path, tiny_pixel_pipeline: Path) -> None:
+def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path, tiny_pixel_pipeline: Path,
+                                                     capfd: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     args = ["run", "coarse_only", "--prompt", "a blue torus", "--run", str(run_dir),
-            f"model.guidance.pretrained={tiny_pixel_pipeline}", "trainer.max_steps=30",
-            "run.checkpoint_every=2", "data.steps_per_epoch=15", "run.video_views=2", "model.preview_every=0",
+            # 20 steps: the Ctrl-C, sent ~0.5 s after step 2's checkpoint, lands well before the end.
+            f"model.guidance.pretrained={tiny_pixel_pipeline}", "trainer.max_steps=20",
+            "run.checkpoint_every=2", "data.steps_per_epoch=10", "run.video_views=2", "model.preview_every=0",
             "trainer.log_every_n_steps=1"]
     process = subprocess.Popen([sys.executable, "-m", "magic3d", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -90,15 +94,15 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path, tiny_pixel
     assert not (run_dir / "coarse" / "DONE.json").exists()
     checkpoints = run_dir / "coarse" / "checkpoints"
     interrupted_at = torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
-    assert 0 < interrupted_at < 30
+    assert 0 < interrupted_at < 20
     periodic = max(torch.load(p, weights_only=True)["global_step"] for p in checkpoints.glob("step*.ckpt"))
     assert interrupted_at >= periodic  # saved at the interrupt, not only at the last periodic save
 
-    result = run_cli(*args)
+    result = run_main(capfd, *args)  # the same command again, in-process (its stage is a process)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "resuming from" in result.stdout
     done = json.loads((run_dir / "coarse" / "DONE.json").read_text())
-    assert done["steps"] == 30
+    assert done["steps"] == 20
     attempts = sorted((run_dir / "coarse" / "logs").glob("version_*/metrics.csv"))
     assert len(attempts) == 2, "each attempt keeps its own metrics file"
     second = pd.read_csv(attempts[1])
@@ -106,40 +110,42 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path, tiny_pixel
 
 
 def test_unknown_recipe_lists_available() -> None:
-    result = run_cli("run", "no_such_recipe")
+    result = run_cli("run", "no_such_recipe")  # bad input as the user types it; the others run in-process
     assert result.returncode == 2
     assert "Unknown recipe 'no_such_recipe'" in result.stderr and "coarse_only" in result.stderr
 
 
-def test_empty_prompt_is_rejected() -> None:
-    result = run_cli("run", "coarse_only", "--prompt", "  ")
+def test_empty_prompt_is_rejected(capfd: pytest.CaptureFixture[str]) -> None:
+    result = run_main(capfd, "run", "coarse_only", "--prompt", "  ")
     assert result.returncode == 2 and "prompt is empty" in result.stderr
 
 
-def test_mistyped_key_is_named(tmp_path: Path) -> None:
-    result = run_cli("run", "coarse_only", "--run", str(tmp_path / "r"), "model.scene.n_sampels_per_ray=8")
+def test_mistyped_key_is_named(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    result = run_main(capfd, "run", "coarse_only", "--run", str(tmp_path / "r"), "model.scene.n_sampels_per_ray=8")
     assert result.returncode == 2
     assert "n_sampels_per_ray" in result.stderr
     assert len(result.stderr.splitlines()) <= 3, "a short message, not a traceback"
     assert not (tmp_path / "r").exists(), "nothing may be created for an invalid config"
 
 
-def test_missing_weights_say_which_path(tmp_path: Path) -> None:
+def test_missing_weights_say_which_path(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # In-process runner (its stage is still a process of its own); test_user_faults has the CLI path.
     missing = tmp_path / "no_prior_here"
-    result = run_cli("run", "coarse_only", "--run", str(tmp_path / "r"),
-                     f"model.guidance.pretrained={missing}", "trainer.max_steps=2")
+    result = run_main(capfd, "run", "coarse_only", "--run", str(tmp_path / "r"),
+                      f"model.guidance.pretrained={missing}", "trainer.max_steps=2")
     assert result.returncode != 0
     assert str(missing) in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_corrupt_checkpoint_is_reported_and_kept(tmp_path: Path, tiny_pixel_pipeline: Path) -> None:
+def test_corrupt_checkpoint_is_reported_and_kept(tmp_path: Path, tiny_pixel_pipeline: Path,
+                                                 capfd: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "r"
     ckpt = run_dir / "coarse" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"not a checkpoint")
-    result = run_cli("run", "coarse_only", "--run", str(run_dir),
-                     f"model.guidance.pretrained={tiny_pixel_pipeline}", "trainer.max_steps=2")
+    result = run_main(capfd, "run", "coarse_only", "--run", str(run_dir),
+                      f"model.guidance.pretrained={tiny_pixel_pipeline}", "trainer.max_steps=2")
     assert result.returncode != 0
     assert "corrupt" in result.stderr and "last.ckpt" in result.stderr
     kept = ckpt.with_name("last.ckpt.corrupt")

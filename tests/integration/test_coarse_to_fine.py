@@ -25,6 +25,12 @@ def test_coarse_to_fine_runs_and_exports(tmp_path: Path, tiny_pixel_pipeline: Pa
         "coarse:model.scene.blob_density=30",
         "trainer.max_steps=4", "data.steps_per_epoch=2", "run.checkpoint_every=2",
         "run.video_views=2", "model.preview_every=2", "trainer.log_every_n_steps=1",
+        # Mechanics, not quality: a 32^3 conversion grid with 5 texture steps still converts and
+        # textures a mesh (the CPU profile's 64^3 and 50 steps took most of this test's time), and
+        # 32^2 renders. tet_resolution stays the profile's 16, so the export has its >100 faces.
+        "fine:start.converter_args.resolution=32", "fine:start.converter_args.texture_steps=5",
+        "fine:data.height=32", "fine:data.width=32", "data.n_val_views=1", "data.eval_height=32",
+        "data.eval_width=32",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "converted the coarse NeRF" in result.stdout

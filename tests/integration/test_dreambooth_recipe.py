@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 from magic3d.config import ConfigError, load_yaml
 from magic3d.recipe import RunSettings, resolve_settings
 
@@ -17,12 +17,20 @@ pytestmark = pytest.mark.slow
 
 FEW_STEPS = ("trainer.max_steps=2", "data.steps_per_epoch=2", "run.checkpoint_every=2", "run.video_views=2",
              "model.preview_every=0", "trainer.log_every_n_steps=1",
+             # One personalisation step a prior (a step of the toy pixel prior is ~4 s on 2 cores): enough
+             # to write the adapters that the text-to-3D stages must pick up.
+             "personalise_pixel:trainer.max_steps=1", "personalise_latent:trainer.max_steps=1",
              "personalise_pixel:model.n_class_images=1", "personalise_latent:model.n_class_images=1",
              "personalise_pixel:model.class_sample_steps=1", "personalise_latent:model.class_sample_steps=1",
              "personalise_pixel:model.n_preview=1", "personalise_latent:model.n_preview=1",
              "personalise_pixel:model.preview_steps=1", "personalise_latent:model.preview_steps=1",
              "coarse:model.scene.blob_density=30", "fine:start.converter_args.resolution=32",
-             "fine:start.converter_args.texture_steps=5")
+             "fine:start.converter_args.texture_steps=5",
+             # The coarsest fine stage that still converts and renders a mesh (as the tiny ablation's),
+             # and one 32^2 validation view a stage: the recipe's wiring is under test, not quality.
+             "fine:model.scene.tet_resolution=8", "fine:data.height=32", "fine:data.width=32",
+             "coarse:data.n_val_views=1", "fine:data.n_val_views=1", "coarse:data.eval_height=32",
+             "coarse:data.eval_width=32", "fine:data.eval_height=32", "fine:data.eval_width=32")
 
 
 def priors(pixel: Path, latent: Path) -> list[str]:
@@ -41,8 +49,8 @@ def dreambooth_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline
 
 
 def test_every_stage_finishes_and_text_to_3d_uses_the_tuned_priors(dreambooth_run: Path, pink_duck: Path) -> None:
-    for stage in ("personalise_pixel", "personalise_latent", "coarse", "fine"):
-        assert json.loads((dreambooth_run / stage / "DONE.json").read_text())["steps"] == 2, stage
+    for stage, steps in (("personalise_pixel", 1), ("personalise_latent", 1), ("coarse", 2), ("fine", 2)):
+        assert json.loads((dreambooth_run / stage / "DONE.json").read_text())["steps"] == steps, stage
     for stage, lora in (("coarse", "personalise_pixel"), ("fine", "personalise_latent")):
         guidance = load_yaml(dreambooth_run / stage / "config.yaml")["model"]["init_args"]["guidance"]["init_args"]
         assert guidance["lora"] == str(dreambooth_run / lora / "lora")
@@ -53,8 +61,8 @@ def test_every_stage_finishes_and_text_to_3d_uses_the_tuned_priors(dreambooth_ru
     assert (settings.recipe, settings.prompt, settings.subject) == ("dreambooth", "a sks duck", str(pink_duck.resolve()))
 
 
-def test_a_continued_run_keeps_its_subject(dreambooth_run: Path) -> None:
-    result = run_cli("run", "--run", str(dreambooth_run))  # nothing but the folder
+def test_a_continued_run_keeps_its_subject(dreambooth_run: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    result = run_main(capfd, "run", "--run", str(dreambooth_run))  # nothing but the folder (CLI: test_user_faults)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("already finished") == 4
 
@@ -95,8 +103,11 @@ def test_a_missing_subject_through_the_cli_is_one_line_and_leaves_nothing(tmp_pa
 
 
 def test_a_prompt_without_the_identifier_stops_the_first_stage(tmp_path: Path, pink_duck: Path,
-                                                               tiny_pixel_pipeline: Path) -> None:
-    result = run_cli("run", "dreambooth", "--prompt", "a pink duck", "--subject", str(pink_duck),
+                                                               tiny_pixel_pipeline: Path,
+                                                               capfd: pytest.CaptureFixture[str]) -> None:
+    # In-process runner (the stage is still its own process); the CLI path of a bad dreambooth
+    # input is test_a_missing_subject_through_the_cli_is_one_line_and_leaves_nothing.
+    result = run_main(capfd, "run", "dreambooth", "--prompt", "a pink duck", "--subject", str(pink_duck),
                      "--run", str(tmp_path / "run"), f"personalise_pixel:model.prior.pretrained={tiny_pixel_pipeline}")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]

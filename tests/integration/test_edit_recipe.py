@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 from magic3d.checkpoints import load_scene
 from magic3d.config import ConfigError, load_yaml
 from magic3d.eval.__main__ import main as eval_main
@@ -19,7 +19,13 @@ from magic3d.recipe import RunSettings, resolve_settings
 pytestmark = pytest.mark.slow
 
 FEW_STEPS = ("trainer.max_steps=2", "data.steps_per_epoch=2", "run.checkpoint_every=2", "run.video_views=2",
-             "model.preview_every=0", "trainer.log_every_n_steps=1")
+             "model.preview_every=0", "trainer.log_every_n_steps=1",
+             # One 32^2 validation view a stage: the recipe's stage wiring is under test, not its renders.
+             "data.n_val_views=1", "data.eval_height=32", "data.eval_width=32",
+             # The coarsest fine stage that still converts and renders a mesh (as the tiny ablation's):
+             # conversion on the CPU profile's 64^3 grid with 50 texture steps took ~40 s of each run.
+             "fine:start.converter_args.resolution=32", "fine:start.converter_args.texture_steps=5",
+             "fine:model.scene.tet_resolution=8", "fine:data.height=32", "fine:data.width=32")
 
 
 def priors(pixel: Path, latent: Path, *nerf_stages: str) -> list[str]:
@@ -61,8 +67,8 @@ def test_edit_recipe_runs_each_stage_on_its_prompt(edit_run: Path) -> None:
     assert (settings.prompt, settings.edit, settings.base) == ("a red cube", "a blue cube", None)
 
 
-def test_a_continued_edit_run_keeps_its_edit_prompt(edit_run: Path) -> None:
-    result = run_cli("run", "--run", str(edit_run))  # nothing but the folder
+def test_a_continued_edit_run_keeps_its_edit_prompt(edit_run: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    result = run_main(capfd, "run", "--run", str(edit_run))  # nothing but the folder (CLI path: test_user_faults)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("already finished") == 3
 
@@ -109,8 +115,9 @@ def test_edit_metrics_refuse_a_scratch_run_of_another_prompt(edit_run: Path, ran
 
 # ------------------------------------------------------------------------------ bad input
 
-def test_edit_recipe_without_edit_names_the_fix(tmp_path: Path) -> None:
-    result = run_cli("run", "edit", "--prompt", "a red cube", "--run", str(tmp_path / "run"))
+def test_edit_recipe_without_edit_names_the_fix(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # In-process: the command-line path of a bad edit input is test_base_run_without_coarse_through_the_cli.
+    result = run_main(capfd, "run", "edit", "--prompt", "a red cube", "--run", str(tmp_path / "run"))
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and 'edit="..."' in lines[0], result.stderr

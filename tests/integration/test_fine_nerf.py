@@ -17,7 +17,9 @@ from magic3d.scenes.hash_nerf import HashGridNeRF
 pytestmark = pytest.mark.slow
 
 FEW_STEPS = ("trainer.max_steps=3", "data.steps_per_epoch=3", "run.checkpoint_every=3", "run.video_views=2",
-             "model.preview_every=0", "trainer.log_every_n_steps=1")
+             "model.preview_every=0", "trainer.log_every_n_steps=1",
+             # One 32^2 validation view a stage: the warm start is under test, not the renders.
+             "data.n_val_views=1", "data.eval_height=32", "data.eval_width=32")
 
 
 def test_coarse_to_fine_nerf_warm_starts_and_fine_tunes(tmp_path: Path, tiny_pixel_pipeline: Path,

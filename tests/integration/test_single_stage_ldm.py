@@ -22,7 +22,9 @@ def test_single_stage_ldm_trains_a_nerf_from_scratch_with_latent_sds(tmp_path: P
     result = run_cli("run", "single_stage_ldm", "--prompt", "a blue torus", "--run", str(run_dir),
                      f"model.guidance.pretrained={tiny_latent_pipeline}", "trainer.max_steps=2",
                      "data.steps_per_epoch=2", "run.checkpoint_every=2", "run.video_views=2",
-                     "model.preview_every=0", "trainer.log_every_n_steps=1")
+                     "model.preview_every=0", "trainer.log_every_n_steps=1",
+                     # One 32^2 validation view: the stage's wiring is under test, not its renders.
+                     "data.n_val_views=1", "data.eval_height=32", "data.eval_width=32")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == ["nerf"]
     assert json.loads((run_dir / "nerf" / "DONE.json").read_text())["steps"] == 2

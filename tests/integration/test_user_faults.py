@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -16,11 +16,14 @@ FAST = ("trainer.max_steps=4", "data.steps_per_epoch=4", "run.checkpoint_every=2
         "model.preview_every=0", "trainer.log_every_n_steps=1")
 
 
-def coarse(run_dir: Path, pipeline: Path, *extra: str, prompt: str | None = "a blue torus"):
+def coarse(run_dir: Path, pipeline: Path, *extra: str, prompt: str | None = "a blue torus",
+           capfd: pytest.CaptureFixture[str] | None = None):
+    """The coarse recipe through the command line; with ``capfd``, the same command in-process."""
     args = ["run", "coarse_only", "--run", str(run_dir)]
     if prompt is not None:
         args += ["--prompt", prompt]
-    return run_cli(*args, f"model.guidance.pretrained={pipeline}", *FAST, *extra)
+    args += [f"model.guidance.pretrained={pipeline}", *FAST, *extra]
+    return run_cli(*args) if capfd is None else run_main(capfd, *args)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def one_line_error(result) -> str:
 
 
 def test_a_scribbled_checkpoint_is_skipped_for_the_previous_good_one(
-        finished_run: Path, tmp_path: Path, tiny_pixel_pipeline: Path) -> None:
+        finished_run: Path, tmp_path: Path, tiny_pixel_pipeline: Path, capfd: pytest.CaptureFixture[str]) -> None:
     run_dir = copy_of(finished_run, tmp_path)
     ckpt_dir = run_dir / "coarse" / "checkpoints"
     (run_dir / "coarse" / "DONE.json").unlink()  # pretend the stage stopped after its last save
@@ -57,7 +60,7 @@ def test_a_scribbled_checkpoint_is_skipped_for_the_previous_good_one(
         with open(damaged, "r+b") as handle:
             handle.seek(size // 2)
             handle.write(os.urandom(4096))
-    again = coarse(run_dir, tiny_pixel_pipeline)
+    again = coarse(run_dir, tiny_pixel_pipeline, capfd=capfd)  # in-process runner, the stage a process
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "corrupt" in again.stdout and "step000002.ckpt" in again.stdout, again.stdout[-2000:]
     assert json.loads((run_dir / "coarse" / "DONE.json").read_text())["steps"] == 4
@@ -67,7 +70,8 @@ def test_a_scribbled_checkpoint_is_skipped_for_the_previous_good_one(
     assert len([n for n in names if n.endswith(".ckpt")]) <= 3, "last + keep_checkpoints (2)"
 
 
-def test_run_folder_alone_continues_and_new_overrides_are_listed(finished_run: Path, tmp_path: Path) -> None:
+def test_run_folder_alone_continues_and_new_overrides_are_listed(finished_run: Path, tmp_path: Path,
+                                                                 capfd: pytest.CaptureFixture[str]) -> None:
     run_dir = copy_of(finished_run, tmp_path)
     settings = json.loads((run_dir / "run.json").read_text())
     assert settings["prompt"] == "a blue torus" and settings["recipe"] == "coarse_only"
@@ -76,13 +80,13 @@ def test_run_folder_alone_continues_and_new_overrides_are_listed(finished_run: P
     assert alone.returncode == 0, alone.stderr[-2000:]
     assert "already finished" in alone.stdout
 
-    changed = run_cli("run", "--run", str(run_dir), "trainer.max_steps=8")
+    changed = run_main(capfd, "run", "--run", str(run_dir), "trainer.max_steps=8")  # the refusal: in-process
     assert changed.returncode == 2
     assert "trainer.max_steps: 4 -> 8" in one_line_error(changed)
 
 
-def test_an_unknown_stage_prefix_lists_the_stages(tmp_path: Path) -> None:
-    result = run_cli("run", "coarse_to_fine", "--run", str(tmp_path / "r"), "coarsee:trainer.max_stepz=5")
+def test_an_unknown_stage_prefix_lists_the_stages(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    result = run_main(capfd, "run", "coarse_to_fine", "--run", str(tmp_path / "r"), "coarsee:trainer.max_stepz=5")
     assert result.returncode == 2
     err = one_line_error(result)
     assert "coarsee" in err and "coarse, fine" in err
@@ -93,8 +97,9 @@ def test_an_unknown_stage_prefix_lists_the_stages(tmp_path: Path) -> None:
     (("--seed", "-1"), "seed=-1", "[0, 4294967295]"),
     (("data.batch_size=0",), "data.batch_size=0", "> 0"),
 ])
-def test_out_of_range_values_get_one_line(tmp_path: Path, argument: tuple[str, ...], key: str, rule: str) -> None:
-    result = run_cli("run", "coarse_only", "--run", str(tmp_path / "r"), *argument)
+def test_out_of_range_values_get_one_line(tmp_path: Path, argument: tuple[str, ...], key: str, rule: str,
+                                          capfd: pytest.CaptureFixture[str]) -> None:
+    result = run_main(capfd, "run", "coarse_only", "--run", str(tmp_path / "r"), *argument)
     assert result.returncode == 2
     err = one_line_error(result)
     assert key in err and rule in err and "out of range" in err
@@ -102,19 +107,20 @@ def test_out_of_range_values_get_one_line(tmp_path: Path, argument: tuple[str, .
 
 
 def test_an_error_before_the_first_step_leaves_no_folder_and_the_fix_reuses_it(
-        tmp_path: Path, tiny_pixel_pipeline: Path) -> None:
+        tmp_path: Path, tiny_pixel_pipeline: Path, capfd: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
-    missing = coarse(run_dir, tmp_path / "no_weights_here")
+    missing = coarse(run_dir, tmp_path / "no_weights_here")  # the command line path of missing weights
     assert missing.returncode != 0
     assert "no_weights_here" in missing.stderr
     assert "checkpoints are kept" not in missing.stderr and "nothing of it was kept" in missing.stderr
     assert not run_dir.exists(), "nothing was trained, so nothing is left behind"
-    fixed = coarse(run_dir, tiny_pixel_pipeline)  # the corrected command, same folder
+    fixed = coarse(run_dir, tiny_pixel_pipeline, capfd=capfd)  # the corrected command, same folder (in-process)
     assert fixed.returncode == 0, fixed.stderr[-2000:]
 
 
-def test_export_takes_a_run_folder(finished_run: Path, tmp_path: Path) -> None:
+def test_export_takes_a_run_folder(finished_run: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     run_dir = copy_of(finished_run, tmp_path)
-    result = run_cli("export", str(run_dir), "--texture-resolution", "32", "--mesh-resolution", "24")
+    # In-process: test_coarse_to_fine exports through the command line.
+    result = run_main(capfd, "export", str(run_dir), "--texture-resolution", "32", "--mesh-resolution", "24")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (run_dir / "coarse" / "export" / "mesh.glb").is_file()
