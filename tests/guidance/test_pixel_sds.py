@@ -60,20 +60,24 @@ def cameras_for(elevation_deg: list[float], azimuth_deg: list[float]) -> CameraB
     return cams
 
 
-def stub_guidance(batch: int, seed: int = 0, **kwargs) -> tuple[PixelSDS, StubUNet]:
+def stub_guidance(batch: int, seed: int = 0, prediction_type: str = "epsilon", **kwargs) -> tuple[PixelSDS, StubUNet]:
     g = torch.Generator().manual_seed(seed)
     eps_c = torch.randn(batch, 3, S, S, generator=g)
     eps_u = torch.randn(batch, 3, S, S, generator=g)
     unet = StubUNet(eps_c, eps_u)
-    guidance = PixelSDS.from_modules(unet, build_scheduler(), text_embeddings=stub_embeddings(), **kwargs)
+    guidance = PixelSDS.from_modules(unet, build_scheduler(prediction_type), text_embeddings=stub_embeddings(),
+                                     **kwargs)
     guidance.setup("ignored: embeddings given", "cpu")
     return guidance, unet
 
 
-@pytest.mark.parametrize("weighting", ["sds", "uniform", "sqrt_alpha_one_minus"])
-def test_rgb_gradient_is_sds_formula_through_preprocessing(weighting: str) -> None:
+@pytest.mark.parametrize(("weighting", "prediction_type"), [("sds", "epsilon"), ("uniform", "epsilon"),
+                                                          ("sqrt_alpha_one_minus", "epsilon"), ("sds", "v_prediction")])
+def test_rgb_gradient_is_sds_formula_through_preprocessing(weighting: str, prediction_type: str) -> None:
     batch = 4
-    guidance, unet = stub_guidance(batch, guidance_scale=5.0, weighting=weighting, min_step_percent=0.3)
+    guidance, unet = stub_guidance(batch, prediction_type=prediction_type, guidance_scale=5.0, weighting=weighting,
+                                   min_step_percent=0.3)
+    assert guidance.resolved_prediction_type == prediction_type  # "auto" read the scheduler config
     rgb = torch.rand(batch, S, S, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
     cams = cameras_for([0, 0, 0, 80], [0, 90, 180, 0])
     out = guidance.step(rgb, cams, progress=0.0)
@@ -84,6 +88,8 @@ def test_rgb_gradient_is_sds_formula_through_preprocessing(weighting: str) -> No
     ab = guidance.alphas_cumprod[t].view(-1, 1, 1, 1)
     noise = (x_t - ab.sqrt() * x) / (1 - ab).sqrt()  # recovered from what the UNet saw
     eps_c, eps_u = unet.eps[:batch], unet.eps[batch:]
+    if prediction_type == "v_prediction":  # the stub's outputs are v: eps = sqrt(ab) v + sqrt(1 - ab) x_t
+        eps_c, eps_u = (ab.sqrt() * v + (1 - ab).sqrt() * x_t for v in (eps_c, eps_u))
     expected = sds_weight(ab.flatten(), weighting).view(-1, 1, 1, 1) * (eps_u + 5 * (eps_c - eps_u) - noise)
     # d loss / d rgb = d x / d rgb (= 2) * grad / B, channel-last. Recovering the noise from
     # x_t in float32 with 1 - ab >= 0.05 (t >= 300) costs < 1e-5; the float32 surrogate

@@ -29,3 +29,21 @@ def test_shipped_configs_use_min_snr_and_old_states_do_not():
     old = default_config("pixel").to_dict()
     old.pop("min_snr_gamma")  # a train state written before the option existed
     assert PriorConfig.from_dict(old).min_snr_gamma is None
+
+
+def test_v_weight_gives_the_same_x0_weight_as_epsilon():
+    # The epsilon MSE is SNR x the x0 MSE and the v MSE is (SNR + 1) x the x0 MSE: with Min-SNR
+    # both must weight the x0 error by min(SNR, gamma).
+    alpha_bar = torch.tensor([0.01, 0.25, 0.5, 0.9, 0.99])
+    snr = alpha_bar / (1 - alpha_bar)
+    x0_weight = torch.minimum(snr, torch.tensor(5.0))
+    torch.testing.assert_close(min_snr_weight(alpha_bar, 5.0, "epsilon") * snr, x0_weight, rtol=1e-5, atol=0)
+    torch.testing.assert_close(min_snr_weight(alpha_bar, 5.0, "v_prediction") * (snr + 1), x0_weight, rtol=1e-5, atol=0)
+
+
+def test_old_states_predict_epsilon():
+    from magic3d.priors.configs import PriorConfig, default_config
+
+    old = default_config("pixel").to_dict()
+    old.pop("prediction_type")  # written before v prediction existed (every prior shipped up to 2026-12-03)
+    assert PriorConfig.from_dict(old).prediction_type == "epsilon"

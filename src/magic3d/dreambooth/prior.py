@@ -20,7 +20,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from magic3d.guidance.frozen import TEXT_MAX_LENGTH, PipelineLayout
-from magic3d.guidance.latent_sds import LatentSDS, eps_from_prediction, vae_input_size
+from magic3d.guidance.latent_sds import LatentSDS, vae_input_size
+from magic3d.guidance.prediction import check_prediction_type, eps_from_prediction, prediction_target
 from magic3d.guidance.loading import PipelineSource, half_dtype_for, module_dtype
 from magic3d.guidance.pixel_sds import PixelSDS
 from magic3d.guidance.prompts import release_text_encoder, uses_attention_mask
@@ -170,15 +171,8 @@ class PersonalisedPrior(nn.Module):
     def training_target(self, x0: Float[Tensor, "B C h w"], noise: Float[Tensor, "B C h w"],
                         t: Int[Tensor, "B"]) -> Float[Tensor, "B C h w"]:
         """What the UNet was trained to predict: epsilon, v = sqrt(ab) eps - sqrt(1-ab) x0, or x0."""
-        if self.prediction_type == "epsilon":
-            return noise
-        ab = self.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-        if self.prediction_type == "v_prediction":
-            return ab.sqrt() * noise - (1.0 - ab).sqrt() * x0
-        if self.prediction_type == "sample":
-            return x0
-        raise ValueError(f"the scheduler's prediction_type={self.prediction_type!r} is not supported "
-                         "(epsilon, v_prediction, sample).")
+        check_prediction_type(self.prediction_type, "the scheduler")
+        return prediction_target(x0, noise, self.alphas_cumprod[t], self.prediction_type)
 
     def noise_estimate(self, output: Float[Tensor, "B C h w"], x_t: Float[Tensor, "B C h w"],
                        t: Int[Tensor, "B"]) -> Float[Tensor, "B C h w"]:

@@ -30,6 +30,7 @@ from magic3d.data.cameras import view_index
 from magic3d.guidance.frozen import FrozenPipeline, InMemoryParts, PipelineLayout
 from magic3d.guidance.loading import cfg_unet_outputs
 from magic3d.guidance.perp_neg import PerpNegPrompts, perp_neg_noise, perp_neg_prompts
+from magic3d.guidance.prediction import PREDICTION_TYPES, eps_from_prediction
 from magic3d.guidance.prompts import PromptEmbeddings
 from magic3d.types import CameraBatch, GuidanceOutput
 
@@ -191,8 +192,8 @@ class ScoreDistillation(nn.Module):
     """Base of the SDS guidances: shared hyper-parameters, frozen-pipeline lifecycle and step.
 
     A subclass names its pipeline family (``LAYOUT``) and says how renders become the model's
-    sample space (``to_model_space``); a latent prior also converts its UNet's output to
-    epsilon (``noise_from_output``). The frozen models live in a :class:`FrozenPipeline`
+    sample space (``to_model_space``); a UNet that predicts v or x0 has its output converted
+    to epsilon (``noise_from_output``, :mod:`magic3d.guidance.prediction`). The frozen models live in a :class:`FrozenPipeline`
     (composition): loaded in ``setup`` (never in ``__init__``), never in the state_dict.
 
     Args:
@@ -220,6 +221,9 @@ class ScoreDistillation(nn.Module):
             :mod:`magic3d.guidance.lora`) loaded onto the frozen prior in ``setup``; one trained
             on another prior is refused. None: the prior as it is.
         lora_scale: strength of the adapter (0: the untuned prior, 1: as trained).
+        prediction_type: what the UNet predicts: "auto" reads the scheduler config (absent:
+            epsilon); or force "epsilon", "v_prediction" (SD 2.1 at 768 px, the embedded
+            pixel prior when trained with v) or "sample".
     """
 
     LAYOUT: ClassVar[PipelineLayout]
@@ -243,8 +247,13 @@ class ScoreDistillation(nn.Module):
         perp_neg: bool = False,
         lora: str | None = None,
         lora_scale: float = 1.0,
+        prediction_type: str = "auto",
     ) -> None:
         super().__init__()
+        if prediction_type != "auto" and prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type={prediction_type!r} is unknown: use 'auto' or one of {PREDICTION_TYPES}."
+            )
         if perp_neg and not view_dependent_prompting:
             raise ValueError("perp_neg=True needs view_dependent_prompting=True: its prompts are the view prompts "
                              "(set model.guidance.view_dependent_prompting=true, or drop perp_neg).")
@@ -269,6 +278,8 @@ class ScoreDistillation(nn.Module):
             raise ValueError(f"lora_scale={lora_scale} must be a finite number (1.0: the adapter as trained).")
         self.frozen = FrozenPipeline(self.LAYOUT, pretrained, half_precision, negative_prompt, cache_dir, variant,
                                      lora=lora, lora_scale=lora_scale)
+        self.prediction_type = prediction_type
+        self._resolved_prediction_type: str | None = None
         # Set in setup(); a plain tensor attribute, not a buffer, so it never enters the state_dict.
         self.alphas_cumprod: Tensor | None = None
 
@@ -311,7 +322,27 @@ class ScoreDistillation(nn.Module):
         self.alphas_cumprod = self.alphas_cumprod.to(device)
 
     def on_loaded(self, scheduler: Any) -> None:
-        """Hook: read what the subclass needs from the scheduler."""
+        """Read what the UNet predicts from the scheduler (once, when the models load)."""
+        self._resolved_prediction_type = self._resolve_prediction_type(scheduler)
+
+    def _resolve_prediction_type(self, scheduler: Any) -> str:
+        if self.prediction_type != "auto":
+            return self.prediction_type
+        config = getattr(scheduler, "config", None)
+        found = getattr(config, "prediction_type", None) or "epsilon"
+        if found not in PREDICTION_TYPES:
+            raise ValueError(
+                f"the scheduler's prediction_type={found!r} is not supported: "
+                f"set {type(self).__name__}(prediction_type=...) to one of {PREDICTION_TYPES}."
+            )
+        return found
+
+    @property
+    def resolved_prediction_type(self) -> str:
+        """What the UNet predicts, as used in ``noise_from_output`` (known after ``setup``)."""
+        if self._resolved_prediction_type is None:
+            raise RuntimeError(f"{type(self).__name__}.setup(prompt, device) must run before the prediction type is used.")
+        return self._resolved_prediction_type
 
     def _prepare(self, name: str, module: nn.Module, device: torch.device) -> nn.Module:
         if self.enable_channels_last and device.type == "cuda":
@@ -339,7 +370,10 @@ class ScoreDistillation(nn.Module):
     def noise_from_output(self, output: Float[Tensor, "B C h w"], x_t: Float[Tensor, "B C h w"],
                           t: Int[Tensor, "B"]) -> Float[Tensor, "B C h w"]:
         """The UNet's raw output as an epsilon estimate (identity for epsilon models)."""
-        return output
+        if self.resolved_prediction_type == "epsilon":  # IF, SD 2.1-base: nothing to convert
+            return output
+        alpha_bar = self.alphas_cumprod.to(x_t.device)[t]
+        return eps_from_prediction(output, x_t, alpha_bar, self.resolved_prediction_type)
 
     def step(self, rgb: Float[Tensor, "B H W 3"], cameras: CameraBatch, progress: float) -> GuidanceOutput:
         """SDS loss for a batch of renders; its gradient reaches ``rgb`` only."""

@@ -24,7 +24,7 @@ Design choices:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,32 +35,10 @@ from torch.utils.checkpoint import checkpoint
 from magic3d.guidance.base import ScoreDistillation
 from magic3d.guidance.frozen import PipelineLayout
 from magic3d.guidance.loading import module_dtype
+from magic3d.guidance.prediction import eps_from_prediction
 from magic3d.guidance.prompts import PromptEmbeddings
 
-PredictionType = Literal["auto", "epsilon", "v_prediction", "sample"]
-_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-
-def eps_from_prediction(
-    output: Float[Tensor, "B C H W"],
-    x_t: Float[Tensor, "B C H W"],
-    alpha_bar_t: Float[Tensor, "B"],
-    prediction_type: str,
-) -> Float[Tensor, "B C H W"]:
-    """The UNet's noise estimate from its raw output.
-
-    With ``x_t = sqrt(ab) x0 + sqrt(1-ab) eps``: v-prediction ``v = sqrt(ab) eps - sqrt(1-ab) x0``
-    gives ``eps = sqrt(ab) v + sqrt(1-ab) x_t``; x0-prediction gives
-    ``eps = (x_t - sqrt(ab) x0) / sqrt(1-ab)``.
-    """
-    if prediction_type == "epsilon":
-        return output
-    ab = alpha_bar_t.reshape(-1, *([1] * (x_t.ndim - 1))).to(x_t.dtype)
-    if prediction_type == "v_prediction":
-        return ab.sqrt() * output + (1.0 - ab).sqrt() * x_t
-    if prediction_type == "sample":
-        return (x_t - ab.sqrt() * output) / (1.0 - ab).sqrt()
-    raise ValueError(f"prediction_type={prediction_type!r} is unknown: use one of {_PREDICTION_TYPES}.")
+__all__ = ["LatentSDS", "eps_from_prediction", "vae_input_size"]
 
 
 def vae_input_size(unet: nn.Module, vae: nn.Module) -> tuple[int, int]:
@@ -88,8 +66,6 @@ class LatentSDS(ScoreDistillation):
         vae_recompute: checkpoint each chunk (recompute in backward) so only one chunk's
             activations are alive; False keeps all of them (faster, more memory).
         sample_latents: sample the VAE posterior instead of using its mean.
-        prediction_type: "auto" reads the scheduler config; or force "epsilon",
-            "v_prediction" (SD 2.1 768 px) or "sample".
         Other arguments: see :class:`~magic3d.guidance.base.ScoreDistillation`.
     """
 
@@ -103,21 +79,14 @@ class LatentSDS(ScoreDistillation):
         vae_chunk_size: int = 4,
         vae_recompute: bool = True,
         sample_latents: bool = False,
-        prediction_type: PredictionType = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(pretrained, guidance_scale=guidance_scale, max_step_percent=max_step_percent, **kwargs)
         if vae_chunk_size < 1:
             raise ValueError(f"vae_chunk_size={vae_chunk_size} must be >= 1 (images per VAE-encoder call).")
-        if prediction_type != "auto" and prediction_type not in _PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type={prediction_type!r} is unknown: use 'auto' or one of {_PREDICTION_TYPES}."
-            )
         self.vae_chunk_size = vae_chunk_size
         self.vae_recompute = vae_recompute
         self.sample_latents = sample_latents
-        self.prediction_type = prediction_type
-        self._resolved_prediction_type: str | None = None
 
     @classmethod
     def from_modules(
@@ -142,28 +111,6 @@ class LatentSDS(ScoreDistillation):
     @property
     def vae(self) -> nn.Module:
         return self.frozen.part("vae", type(self).__name__)
-
-    def on_loaded(self, scheduler: Any) -> None:
-        self._resolved_prediction_type = self._resolve_prediction_type(scheduler)
-
-    def _resolve_prediction_type(self, scheduler: Any) -> str:
-        if self.prediction_type != "auto":
-            return self.prediction_type
-        config = getattr(scheduler, "config", None)
-        found = getattr(config, "prediction_type", None) or "epsilon"
-        if found not in _PREDICTION_TYPES:
-            raise ValueError(
-                f"the scheduler's prediction_type={found!r} is not supported: "
-                f"set LatentSDS(prediction_type=...) to one of {_PREDICTION_TYPES}."
-            )
-        return found
-
-    @property
-    def resolved_prediction_type(self) -> str:
-        """What the UNet predicts, as used in ``noise_from_output`` (known after ``setup``)."""
-        if self._resolved_prediction_type is None:
-            raise RuntimeError(f"{type(self).__name__}.setup(prompt, device) must run before the prediction type is used.")
-        return self._resolved_prediction_type
 
     # ------------------------------------------------------------------ the step
 
@@ -212,11 +159,3 @@ class LatentSDS(ScoreDistillation):
         vae = self.vae
         dist = vae.encode(x.to(module_dtype(vae))).latent_dist
         return dist.mean, dist.std
-
-    def noise_from_output(self, output: Float[Tensor, "B C h w"], x_t: Float[Tensor, "B C h w"],
-                          t: Tensor) -> Float[Tensor, "B C h w"]:
-        """Epsilon from the UNet's epsilon, v or x0 prediction."""
-        if self.resolved_prediction_type == "epsilon":  # SD 2.1-base and the toy prior: nothing to convert
-            return output
-        alpha_bar = self.alphas_cumprod.to(x_t.device)[t]
-        return eps_from_prediction(output, x_t, alpha_bar, self.resolved_prediction_type)

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--n-images", type=int, default=None, help="images to render (new runs only)")
     train.add_argument("--batch-size", type=int, default=None, help="UNet batch size (new runs only)")
     train.add_argument("--lr", type=float, default=None, help="UNet learning rate (new runs only)")
+    train.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default=None,
+                       help="what the UNet predicts (new runs only; default epsilon)")
     train.add_argument("--image-size", type=int, default=None,
                        help="training resolution, e.g. 512 for the latent prior (new runs only; default 64 / 256)")
     train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         config.lr = args.lr
     if args.compile is not None:
         config.compile = args.compile
+    if args.prediction_type is not None:
+        config.prediction_type = args.prediction_type
     argv_text = sys.argv[1:] if argv is None else argv
     result = train_prior(
         kind=args.kind,

@@ -56,6 +56,11 @@ class CardInfo:
     command: str = ""
 
 
+
+def _target(config: dict) -> str:
+    """The UNet's prediction as the card names it (configs before 2026-12-04 have no key: epsilon)."""
+    return "v" if config.get("prediction_type", "epsilon") == "v_prediction" else "epsilon"
+
 def loss_milestones(history: list[tuple[float, float, float]]) -> list[tuple[int, int, float]]:
     """(percent of steps, step, loss) at 0, 10, 25, 50, 75 and 100 % of the logged curve."""
     if not history:
@@ -139,7 +144,7 @@ def render_card(info: CardInfo, weights_mb: float) -> str:
         size = c["unet"]["sample_size"]
         lines.append(
             f"UNet: Stable Diffusion's transformer cross-attention blocks on pixels at {size}x{size}, "
-            "6 output channels like IF (epsilon + learned-range variance); IF's own block types did not "
+            f"6 output channels like IF ({_target(c)} + learned-range variance); IF's own block types did not "
             "learn the caption at this size (see magic3d.priors.configs)."
         )
     else:
@@ -173,16 +178,18 @@ def render_card(info: CardInfo, weights_mb: float) -> str:
         variance = (
             f" + {c['variance_loss_weight']:g} x improved-DDPM KL term for the variance channels."
             if c.get("variance_loss_weight", 0) > 0
-            else "; the variance channels are not trained (SDS and DDIM use only epsilon)."
+            else f"; the variance channels are not trained (SDS and DDIM use only the {_target(c)} channels)."
         )
-        lines.append("- Objective: DDPM epsilon MSE on IF's cosine schedule (1000 steps)" + variance)
+        lines.append(f"- Objective: DDPM {_target(c)} MSE on IF's cosine schedule (1000 steps)" + variance)
     else:
         lines.append(
             f"- VAE: L1 + L2 reconstruction + {c['vae_kl_weight']:g} x KL, batch {c['vae_batch_size']},"
-            f" lr {c['vae_lr']:g}. UNet: epsilon MSE on SD's scaled-linear schedule on sampled latents."
+            f" lr {c['vae_lr']:g}. UNet: {_target(c)} MSE on SD's scaled-linear schedule on sampled latents."
         )
     if c.get("min_snr_gamma") is not None:
-        lines.append(f"- Epsilon MSE weighted by min(SNR, {c['min_snr_gamma']:g}) / SNR per sample (Min-SNR, Hang et al. 2023).")
+        denominator = "(SNR + 1)" if _target(c) == "v" else "SNR"
+        lines.append(f"- {_target(c).capitalize()} MSE weighted by min(SNR, {c['min_snr_gamma']:g}) / {denominator}"
+                     " per sample (Min-SNR, Hang et al. 2023).")
     lines += [
         f"- AdamW lr {c['lr']:g} (text encoder x{c['text_lr_scale']:g}), batch {c['batch_size']}, warm-up"
         f" {c['warmup_steps']} steps, cosine to {c['min_lr_fraction']:g} x over the time budget, EMA"

@@ -133,6 +133,12 @@ class PriorConfig:
     # the shipped priors of 2026-11 were trained with. Hang et al. 2023 report ~3x faster
     # convergence with gamma 5 on ImageNet 64/256.
     min_snr_gamma: float | None = None
+    # What the UNet predicts (diffusers' names; saved in scheduler/ so that the guidance, DDIM
+    # and DreamBooth read it). "epsilon" as in IF and SD 2.1-base, and in every prior shipped
+    # before 2026-12-04; "v_prediction" keeps the x0 estimate well conditioned at high noise,
+    # where an epsilon model's error is multiplied by 1/sqrt(alpha_bar) (34x at t = 980 on IF's
+    # cosine schedule: the pixel prior's samples are torn there, BENCHMARKS.md "Embedded priors").
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     # latent prior: autoencoder phase
     vae_fraction: float = 0.35  # share of the time budget for the VAE
     vae_batch_size: int = 32
@@ -377,13 +383,14 @@ def build_vae(config: PriorConfig) -> torch.nn.Module:
 
 
 def build_train_scheduler(config: PriorConfig):
-    """The noise schedule saved with the prior: IF's cosine for pixel, SD's for latent."""
+    """The noise schedule saved with the prior: IF's cosine for pixel, SD's for latent, with
+    the UNet's ``prediction_type``."""
     from diffusers import DDPMScheduler, PNDMScheduler
 
     if config.kind == "pixel":
-        return DDPMScheduler(**IF_SCHEDULER)
+        return DDPMScheduler(**{**IF_SCHEDULER, "prediction_type": config.prediction_type})
     # from_config keeps SD's extra key (clip_sample) that PNDM's __init__ does not take.
-    return PNDMScheduler.from_config(SD_SCHEDULER)
+    return PNDMScheduler.from_config({**SD_SCHEDULER, "prediction_type": config.prediction_type})
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -1,6 +1,6 @@
 """Diffusion and autoencoder objectives of the priors, and the learning-rate schedule.
 
-Pixel prior (DeepFloyd IF stage-I layout): DDPM epsilon objective on IF's cosine schedule; the
+Pixel prior (DeepFloyd IF stage-I layout): DDPM epsilon (or v) objective on IF's cosine schedule; the
 UNet's second three output channels are IF's learned-range variance, which can be trained with
 the improved-DDPM hybrid term (per-step KL in bits with the mean's epsilon detached, so it
 shapes only the variance). The guidance reads only the first three channels.
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+
+from magic3d.guidance.prediction import eps_from_prediction, prediction_target
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -77,17 +79,24 @@ def learned_variance_kl(
     return (per_sample * keep).sum() / keep.sum().clamp_min(1.0)
 
 
-def min_snr_weight(alpha_bar: Tensor, gamma: float | None) -> Tensor:
-    """Min-SNR-gamma weight of the epsilon MSE (Hang et al. 2023): min(SNR, gamma) / SNR.
+def min_snr_weight(alpha_bar: Tensor, gamma: float | None, prediction_type: str = "epsilon") -> Tensor:
+    """Min-SNR-gamma weight of the prediction MSE (Hang et al. 2023), so that every timestep's
+    x0 error is weighted by min(SNR, gamma): min(SNR, gamma) / SNR for epsilon prediction,
+    min(SNR, gamma) / (SNR + 1) for v prediction.
 
     With epsilon prediction the plain MSE weights every timestep by SNR(t) in x0 terms, so the
     nearly clean steps (SNR up to ~10^4 on IF's cosine schedule) dominate the gradient while
     the noisy steps, where colour and shape are decided, get little. Capping the weight at
-    gamma evens that out; ``None`` keeps the plain MSE (weight 1).
+    gamma evens that out; ``None`` keeps the plain MSE (weight 1). (The v MSE is the x0 MSE
+    times SNR + 1, hence its denominator.)
     """
     if gamma is None:
         return torch.ones_like(alpha_bar)
     snr = alpha_bar / (1.0 - alpha_bar).clamp_min(1e-8)
+    if prediction_type == "v_prediction":
+        return snr.clamp(max=gamma) / (snr + 1.0)
+    if prediction_type != "epsilon":
+        raise ValueError(f"min_snr_weight: prediction_type={prediction_type!r} must be 'epsilon' or 'v_prediction'.")
     return snr.clamp(max=gamma) / snr.clamp_min(1e-8)
 
 
@@ -99,9 +108,12 @@ def denoiser_loss(
     variance_loss_weight: float,
     autocast: Autocast,
     min_snr_gamma: float | None = None,
+    prediction_type: str = "epsilon",
 ) -> Float[Tensor, "3"]:
-    """[total, weighted epsilon MSE, variance KL] for one batch; the KL is 0 for epsilon-only
-    UNets. ``min_snr_gamma`` weights each sample's MSE by :func:`min_snr_weight`."""
+    """[total, weighted prediction MSE, variance KL] for one batch; the KL is 0 for UNets
+    without variance channels and is computed on the epsilon the output implies.
+    ``min_snr_gamma`` weights each sample's MSE by :func:`min_snr_weight`; ``prediction_type``
+    ("epsilon" or "v_prediction") is what the UNet's first channels predict."""
     batch, channels = x0.shape[:2]
     t = torch.randint(0, schedule.num_timesteps, (batch,), device=x0.device)
     noise = torch.randn_like(x0)
@@ -112,10 +124,12 @@ def denoiser_loss(
     with autocast():
         out = unet(x_t, t, encoder_hidden_states=context, return_dict=False)[0]
     out = out.float()
-    eps = out[:, :channels]
-    weight = min_snr_weight(alpha_bar.flatten(), min_snr_gamma)
-    loss_eps = ((eps - noise).pow(2).flatten(1).mean(1) * weight).mean()
+    prediction = out[:, :channels]
+    target = prediction_target(x0, noise, alpha_bar.flatten(), prediction_type)
+    weight = min_snr_weight(alpha_bar.flatten(), min_snr_gamma, prediction_type)
+    loss_eps = ((prediction - target).pow(2).flatten(1).mean(1) * weight).mean()
     if out.shape[1] > channels and variance_loss_weight > 0:
+        eps = eps_from_prediction(prediction, x_t.float(), alpha_bar.flatten(), prediction_type)
         loss_var = learned_variance_kl(out[:, channels : 2 * channels], eps.detach(), noise, t, schedule)
     else:
         loss_var = torch.zeros((), device=x0.device)

@@ -73,7 +73,7 @@ class DenoiserObjective(nn.Module):
         with self._autocast():
             context = self.table.encode(self.text_encoder, rows)
         return denoiser_loss(self.unet, x0, context, self.schedule, config.variance_loss_weight, self._autocast,
-                             config.min_snr_gamma)
+                             config.min_snr_gamma, config.prediction_type)
 
 
 class VaeObjective(nn.Module):

@@ -166,10 +166,12 @@ def build_tokenizer(max_length: int = TEXT_MAX_LENGTH):
     )
 
 
-def build_scheduler():
+def build_scheduler(prediction_type: str = "epsilon"):
+    """IF stage I's noise schedule; ``prediction_type`` is overridable (the embedded pixel prior
+    may be trained with v)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**IF_SCHEDULER)
+    return DDPMScheduler(**{**IF_SCHEDULER, "prediction_type": prediction_type})
 
 
 def build_pixel_pipeline(
