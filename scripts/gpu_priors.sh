@@ -12,9 +12,11 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -m magic3d.priors train --kind "$KIND" --out "priors/$KIND" --minutes "$MINUTES" --resume "$@" \
     2>&1 | tee "$OUT/train_$KIND.log" | grep -vE "it/s\]$" | tail -30
 tar -cf "$OUT/prior_$KIND.tar" -C priors "$KIND"  # packed before grading: a call cut at its limit still returns the weights
-# EVAL_SECONDS bounds the grading (~40 s on an H200) so the call ends inside the device's limit.
-if timeout "${EVAL_SECONDS:-120}" python3 -m magic3d.eval prior "priors/$KIND" --update-card > "$OUT/eval_$KIND.log" 2>&1; then
-    tail -25 "$OUT/eval_$KIND.log"; tar -cf "$OUT/prior_$KIND.tar" -C priors "$KIND"
+# EVAL_SECONDS bounds the grading (~40 s per guidance scale on an H200) so the call ends inside the
+# device's limit. SWEEP: further guidance scales graded beside 5 (the best scale moves as a prior trains).
+if timeout "${EVAL_SECONDS:-150}" python3 -m magic3d.eval prior "priors/$KIND" --update-card --sweep-guidance ${SWEEP:-3} \
+        > "$OUT/eval_$KIND.log" 2>&1; then
+    grep -E "^\|" "$OUT/eval_$KIND.log" | tail -12; tar -cf "$OUT/prior_$KIND.tar" -C priors "$KIND"
 else
     echo "grading did not finish (see eval_$KIND.log): run python3 -m magic3d.eval prior priors/$KIND --update-card"
 fi

@@ -67,3 +67,27 @@ def test_held_out_pairs_are_reported_apart(tiny_pixel_pipeline: Path, smoke_clas
     assert set(result.per_shape_accuracy) == {"cube", "duck"}
     _, md_path, _ = write_prior_report(result, tmp_path / "report")
     assert "| held out (a pink duck) | 1 |" in md_path.read_text()
+
+
+def test_guidance_sweep_grades_each_scale_once_and_reaches_the_card(
+    tiny_pixel_pipeline: Path, smoke_classifier: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from magic3d.eval.__main__ import main
+    from magic3d.priors.card import EVALUATOR_MARKER
+
+    folder = tmp_path / "prior"
+    shutil.copytree(tiny_pixel_pipeline, folder)
+    (folder / "README.md").write_text(f"# card\n\n## Quality\n\n{EVALUATOR_MARKER}\nTo be filled.\n\n## End\n")
+    # 5 is the main scale and appears again in the sweep: graded once, not twice
+    argv = ["prior", str(folder), "--n-per-caption", "1", "--steps", "2", "--shapes", "cube", "--colours", "red",
+            "--classifier", str(smoke_classifier), "--device", "cpu", "--update-card", "--sweep-guidance", "5", "1"]
+    assert main(argv) == 0
+    sweep = json.loads((folder / "eval" / "guidance_sweep.json").read_text())
+    assert [r["settings"]["guidance_scale"] for r in sweep] == [1.0, 5.0]
+    rows = [line for line in (folder / "eval" / "guidance_sweep.md").read_text().splitlines() if line.startswith("| 1 ")
+            or line.startswith("| 5 ")]
+    assert len(rows) == 2
+    card = (folder / "README.md").read_text()
+    assert "Guidance sweep" in card and card.endswith("## End\n")

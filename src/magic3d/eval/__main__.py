@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     prior.add_argument("--guidance-scale", type=float, default=5.0)
     prior.add_argument("--shapes", nargs="*", default=(), help="subset of shapes (default all)")
     prior.add_argument("--colours", nargs="*", default=(), help="subset of colours (default all)")
+    prior.add_argument("--sweep-guidance", type=float, nargs="+", default=(), metavar="SCALE",
+                       help="also grade at these guidance scales (same seeds and captions): guidance_sweep.md/.json "
+                            "next to the report, and a table in the card with --update-card")
     prior.add_argument("--batch-size", type=int, default=256)
     prior.add_argument("--update-card", action="store_true",
                        help="write the figures into the Quality section of <pipeline>/README.md")
@@ -169,20 +172,39 @@ def _dispatch(args: argparse.Namespace) -> int:
     from magic3d.eval.aggregate import aggregate_runs
     from magic3d.eval.options import EvalOptions
     from magic3d.eval.prior import evaluate_prior
-    from magic3d.eval.prior_report import prior_quality_markdown, write_prior_report
+    from magic3d.eval.prior_report import (
+        guidance_sweep_markdown,
+        prior_quality_markdown,
+        write_guidance_sweep,
+        write_prior_report,
+    )
     from magic3d.eval.run import evaluate_run
 
     if args.command == "prior":
         result = evaluate_prior(args.pipeline, args.n_per_caption, args.steps, args.guidance_scale, args.classifier,
                                 tuple(args.shapes), tuple(args.colours), args.batch_size, args.device, args.seed)
-        json_path, md_path, _ = write_prior_report(result, args.out or args.pipeline / "eval")
+        report = args.out or args.pipeline / "eval"
+        json_path, md_path, _ = write_prior_report(result, report)
         print(md_path.read_text())
         print(f"wrote {json_path}")
+        sweep = [result]
+        for scale in dict.fromkeys(args.sweep_guidance):  # in the order given, each once
+            if scale != args.guidance_scale:
+                sweep.append(evaluate_prior(args.pipeline, args.n_per_caption, args.steps, scale, args.classifier,
+                                            tuple(args.shapes), tuple(args.colours), args.batch_size, args.device,
+                                            args.seed))
+        if len(sweep) > 1:
+            sweep.sort(key=lambda r: r.settings["guidance_scale"])
+            sweep_json, sweep_md = write_guidance_sweep(sweep, report)
+            print(sweep_md.read_text())
+            print(f"wrote {sweep_json}")
         card = args.pipeline / "README.md"
         if args.update_card and card.is_file():
             from magic3d.priors.card import fill_quality_section
 
             section = prior_quality_markdown(result, md_path)
+            if len(sweep) > 1:
+                section += "\n\n" + guidance_sweep_markdown(sweep)
             print(f"{'updated' if fill_quality_section(card, section) else 'no quality marker in'} {card}")
         return 0
 
