@@ -246,6 +246,20 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return lines
 
 
+def differences_summary(lines: list[str], overrides: list[str], limit: int = 8) -> str:
+    """At most ``limit`` difference lines, those of keys the user overrode first (so a long
+    list never hides the change the user just asked for), then how many were left out."""
+    keys = [text.split("=", 1)[0].split(":", 1)[-1].replace("init_args.", "") for text in overrides]
+
+    def named(line: str) -> bool:
+        key = line.split(": ", 1)[0]
+        return any(key == k or key.startswith(k + ".") for k in keys)
+
+    ranked = [line for line in lines if named(line)] + [line for line in lines if not named(line)]
+    shown = "; ".join(ranked[:limit])
+    return shown if len(ranked) <= limit else f"{shown}; and {len(ranked) - limit} more"
+
+
 def announce_cpu_profile(recipe: Recipe) -> None:
     names = [s.name for s in recipe.stages if s.cpu_profile is not None]
     print(
@@ -516,7 +530,7 @@ def run_recipe(
                 if not settings_changed(settings, stored):
                     config = previous  # e.g. recipe files edited since: keep what the run started with
                 elif stage_has_started(stage_dir):
-                    changes = "; ".join(config_differences(previous, config)[:8])
+                    changes = differences_summary(config_differences(previous, config), settings.overrides)
                     raise ConfigError(
                         f"Stage {spec.name} of {run_dir} has already started with other settings, which a "
                         f"continue cannot change ({changes}). Continue with run={run_dir} alone, or start "
