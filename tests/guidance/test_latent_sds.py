@@ -19,7 +19,8 @@ from magic3d.testing.random_pipelines import (
     build_latent_unet,
     build_vae,
 )
-from magic3d.guidance.latent_sds import LatentSDS, eps_from_prediction
+from magic3d.guidance.latent_sds import LatentSDS
+from magic3d.guidance.prediction import eps_from_prediction
 from magic3d.guidance.prompts import PromptEmbeddings
 from magic3d.types import CameraBatch
 

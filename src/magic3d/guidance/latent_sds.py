@@ -35,11 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from magic3d.guidance.base import ScoreDistillation
 from magic3d.guidance.frozen import PipelineLayout
 from magic3d.guidance.loading import module_dtype
-from magic3d.guidance.prediction import eps_from_prediction
 from magic3d.guidance.prompts import PromptEmbeddings
-
-__all__ = ["LatentSDS", "eps_from_prediction", "vae_input_size"]
-
 
 def vae_input_size(unet: nn.Module, vae: nn.Module) -> tuple[int, int]:
     """Image size the VAE must see so its latents match the UNet: latent size x 2^(levels-1).
