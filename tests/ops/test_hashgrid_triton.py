@@ -1,0 +1,288 @@
+"""Triton hash-grid backend against the torch twin: positions and gathered entries bit for bit,
+values and both gradients within bounds derived from float32 summation order.
+
+CPU tests run the kernels through Triton's interpreter (``TRITON_INTERPRET=1``, set per test),
+so they use few points and levels; the ``gpu`` tests repeat the comparisons compiled on CUDA at
+the default 16 x 2 x 2^19 layout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from magic3d.ops import hashgrid_triton
+from magic3d.ops.hashgrid import (HashGrid, HashGridSpec, _level_tensors, _positions_and_corners, hashgrid_encode,
+                                  resolve_backend)
+
+needs_triton = pytest.mark.skipif(not hashgrid_triton.triton_importable(),
+                                  reason="triton is not importable (pip install triton, or the magic3d[triton] extra)")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+EPS32 = torch.finfo(torch.float32).eps
+
+# Two dense levels (4^3 = 64 entries, exactly full; 8^3 = 512 in a table of 512) and two hashed
+# ones (13^3 and 23^3 vertices > 2^10 entries): both index paths in one spec.
+MIXED = dict(n_levels=4, n_features_per_level=2, log2_hashmap_size=10, base_resolution=4, per_level_scale=1.8)
+# The test_hashgrid TINY grid: a dense level whose table (32) is larger than the grid (27), so
+# the +0.5 offset's corner at g = res wraps modulo 32, and a hashed level.
+TINY = dict(n_levels=2, n_features_per_level=2, log2_hashmap_size=5, base_resolution=3, per_level_scale=2.0)
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Triton's CPU interpreter for this test only (the kernels are decorated per flag value)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _spec(interpolation: str = "linear", **layout) -> HashGridSpec:
+    return HashGridSpec.build(**{**MIXED, **layout}, interpolation=interpolation)
+
+
+def _points(n: int, seed: int, device: str = "cpu") -> torch.Tensor:
+    """Points in [-0.3, 1.3]^3 (outside the unit cube the grid index wraps), plus the cube's
+    corners and centre, where positions land on cell faces."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, generator=generator) * 1.6 - 0.3
+    special = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [1.0, 0.0, 1.0]])
+    return torch.cat([x, special]).to(device)
+
+
+def _table(spec: HashGridSpec, seed: int, device: str = "cpu", dtype=torch.float32) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(spec.n_params, generator=generator, dtype=torch.float64) * 2 - 1).to(device, dtype)
+
+
+def _reference_corners(x: torch.Tensor, spec: HashGridSpec):
+    levels = _level_tensors(spec, x.device)
+    pos, _, entries = _positions_and_corners(x, levels.scales, levels.resolutions, levels.sizes, levels.offsets,
+                                             levels.is_hashed)
+    return pos, entries.reshape(x.shape[0], spec.n_levels, 8)
+
+
+def _forward_backward(x, params, spec, backend, cotangent):
+    x = x.clone().requires_grad_(True)
+    params = params.clone().requires_grad_(True)
+    out = hashgrid_encode(x, params, spec, backend=backend)
+    d_x, d_params = torch.autograd.grad(out, (x, params), cotangent)
+    return out, d_params, d_x
+
+
+def _table_grad_bound(x, params, spec, cotangent) -> torch.Tensor:
+    """Table gradient: identical products grad_out * weight scattered into each entry, summed
+    in another order (atomics; nondeterministic on CUDA). Entry e receiving n_e terms errs by at
+    most (n_e - 1) eps sum|terms| per side; sum|terms| is the twin's gradient for |grad_out|."""
+    _, entries = _reference_corners(x, spec)
+    counts = torch.bincount(entries.reshape(-1), minlength=spec.n_entries)
+    counts = counts.repeat_interleave(spec.n_features_per_level).to(params.dtype)
+    probe = params.detach().clone().requires_grad_(True)
+    (term_sums,) = torch.autograd.grad(hashgrid_encode(x, probe, spec), probe, cotangent.abs())
+    return 2 * counts * torch.finfo(params.dtype).eps * term_sums
+
+
+def _assert_matches_twin(x: torch.Tensor, params: torch.Tensor, spec: HashGridSpec, seed: int) -> None:
+    """Forward, d params and d x of the triton backend against the torch twin, each within a
+    bound on the difference of two float32 evaluations of the same sums in other orders."""
+    generator = torch.Generator().manual_seed(seed)
+    cotangent = torch.randn(x.shape[0], spec.n_output_dims, generator=generator).to(x.device, params.dtype)
+    out_ref, dp_ref, dx_ref = _forward_backward(x, params, spec, "torch", cotangent)
+    out, dp, dx = _forward_backward(x, params, spec, "triton", cotangent)
+    eps = torch.finfo(params.dtype).eps
+    n_features = spec.n_features_per_level
+
+    # Forward: both sides form the same float products value * weight (the weights are the same
+    # bits: same positions, same operation order) and sum 8 of them per level in another order
+    # (and, on CUDA, with fused multiply-adds). Each order errs by at most 7 eps sum|terms|,
+    # and sum|terms| is the encoding of |table|, since the weights are >= 0.
+    magnitude = hashgrid_encode(x, params.abs(), spec)
+    assert ((out - out_ref).abs() <= 16 * eps * magnitude).all()
+
+    assert ((dp - dp_ref).abs() <= _table_grad_bound(x, params, spec, cotangent)).all()
+
+    # Point gradient: per level, float32 sums over 8 corners x F features of grad_out * value
+    # times weight factors (in another grouping than the twin's autograd), times the smoothstep
+    # slope (<= 1.5) and the scale; both sides sum the levels in float64. Bound: a few dozen
+    # eps times sum_l scale_l * sum |grad_out| |value| (interpolation weights are <= 1).
+    _, entries = _reference_corners(x, spec)
+    values = params.view(-1, n_features)[entries].abs()  # (P, L, 8, F)
+    per_level = (values * cotangent.view(-1, spec.n_levels, 1, n_features).abs()).sum(dim=(2, 3))
+    scales = torch.tensor(spec.level_scales, dtype=per_level.dtype, device=x.device)
+    bound = 48 * eps * (per_level * scales).sum(dim=1, keepdim=True)
+    assert ((dx - dx_ref).abs() <= bound + 1e-30).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", [MIXED, TINY], ids=["mixed", "tiny"])
+def test_positions_and_entries_equal_the_twin_bit_for_bit(interpreter, layout):
+    spec = HashGridSpec.build(**layout)
+    assert False in spec.level_is_hashed and True in spec.level_is_hashed  # both index paths
+    x = _points(300, seed=0)
+    pos, entries = hashgrid_triton.corner_entries(x, spec)
+    pos_ref, entries_ref = _reference_corners(x, spec)
+    # The one-rounding rule (float64 product, + 0.5, one rounding) must give the same bits, and
+    # then the uint32 hash / dense index, the modulo and the level offsets the same entries.
+    assert torch.equal(pos, pos_ref)
+    assert torch.equal(entries, entries_ref)
+
+
+@needs_triton
+@pytest.mark.parametrize("base_resolution, extent", [(2, 5.0e9), (4096, 4.0e6)], ids=["dense", "hashed"])
+def test_entries_wrap_for_far_points(interpreter, base_resolution, extent):
+    # Cells beyond +-2^31: the twin wraps its int64 products and dense sums modulo 2^32; the
+    # kernel must wrap its uint32 cells the same way, not saturate a float -> int32 conversion.
+    spec = HashGridSpec.build(n_levels=2, log2_hashmap_size=10, base_resolution=base_resolution, per_level_scale=2.0)
+    assert all(spec.level_is_hashed) == (base_resolution == 4096) and any(spec.level_is_hashed) == all(spec.level_is_hashed)
+    x = extent * torch.tensor([[0.25, -0.25, 0.075], [-0.625, 0.175, -0.225], [1.0, 1.0, -1.0], [0.3, -1.0, 0.9]])
+    pos, entries = hashgrid_triton.corner_entries(x, spec)
+    pos_ref, entries_ref = _reference_corners(x, spec)
+    assert torch.equal(pos, pos_ref)
+    assert torch.equal(entries, entries_ref)
+
+
+@needs_triton
+@pytest.mark.parametrize("interpolation", ["linear", "smoothstep"])
+@pytest.mark.parametrize("layout", [MIXED, TINY], ids=["mixed", "tiny"])
+def test_forward_and_gradients_match_the_twin(interpreter, interpolation, layout):
+    spec = HashGridSpec.build(**layout, interpolation=interpolation)
+    _assert_matches_twin(_points(200, seed=1), _table(spec, seed=2), spec, seed=3)
+
+
+@needs_triton
+@pytest.mark.parametrize("n_features", [1, 4, 8])
+def test_other_feature_counts(interpreter, n_features):
+    spec = _spec(n_features_per_level=n_features, n_levels=2)
+    _assert_matches_twin(_points(64, seed=4), _table(spec, seed=5), spec, seed=6)
+
+
+@needs_triton
+def test_float64_table_and_points(interpreter):
+    # The kernels take their arithmetic types from the pointers, like the twin from its tensors.
+    spec = _spec("smoothstep")
+    _assert_matches_twin(_points(64, seed=7).double(), _table(spec, seed=8, dtype=torch.float64), spec, seed=9)
+
+
+@needs_triton
+def test_empty_batch(interpreter):
+    spec = _spec()
+    x = torch.zeros(0, 3, requires_grad=True)
+    params = _table(spec, seed=10).requires_grad_(True)
+    out = hashgrid_encode(x, params, spec, backend="triton")
+    assert out.shape == (0, spec.n_output_dims)
+    d_x, d_params = torch.autograd.grad(out.sum(), (x, params))
+    assert d_x.shape == (0, 3) and torch.equal(d_params, torch.zeros_like(params))
+
+
+@needs_triton
+def test_only_the_requested_gradient(interpreter):
+    spec = _spec()
+    params = _table(spec, seed=11).requires_grad_(True)
+    x = _points(32, seed=12)
+    cotangent = torch.ones(x.shape[0], spec.n_output_dims)
+    (d_params,) = torch.autograd.grad(hashgrid_encode(x, params, spec, backend="triton"), params, cotangent)
+    reference = params.detach().clone().requires_grad_(True)
+    (d_ref,) = torch.autograd.grad(hashgrid_encode(x, reference, spec), reference, cotangent)
+    # the kernel for d x is skipped (x needs no gradient); d params as in the full comparison
+    assert ((d_params - d_ref).abs() <= _table_grad_bound(x, params, spec, cotangent)).all()
+
+
+@needs_triton
+def test_module_runs_triton_under_the_interpreter(interpreter):
+    grid = HashGrid(**MIXED, backend="triton")
+    reference = HashGrid(**MIXED, backend="torch")
+    reference.load_state_dict(grid.state_dict())
+    assert grid.resolve_backend(torch.device("cpu")) == "triton"
+    x = _points(50, seed=13)
+    # Same weighted sums in another order; init values are <= 1e-4, weights sum to 1 per level
+    torch.testing.assert_close(grid(x), reference(x), rtol=0, atol=16 * EPS32 * 1e-4)
+    assert HashGrid(**MIXED, backend="auto").resolve_backend(torch.device("cpu")) == "torch"
+
+
+@needs_triton
+def test_triton_on_cpu_without_the_interpreter_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    spec = _spec()
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1") as error:
+        hashgrid_encode(torch.rand(4, 3), _table(spec, seed=14), spec, backend="triton")
+    assert "\n" not in str(error.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA device"):
+            HashGrid(**MIXED, backend="triton")
+    # An explicit triton falls back to torch for CPU inputs of a module, like compiled and tcnn.
+    assert resolve_backend("triton", torch.device("cpu")) == "torch"
+
+
+def test_missing_triton_is_a_one_line_error_naming_the_install(monkeypatch):
+    monkeypatch.setattr(hashgrid_triton, "triton_importable", lambda: False)
+    with pytest.raises(ValueError, match="pip install triton") as error:
+        HashGrid(**MIXED, backend="triton")
+    assert "\n" not in str(error.value)
+    spec = _spec()
+    with pytest.raises(ValueError, match="pip install triton"):
+        hashgrid_encode(torch.rand(4, 3), _table(spec, seed=15), spec, backend="triton")
+
+
+def test_auto_precedence_on_cuda(monkeypatch):
+    cuda_device = torch.device("cuda", 0)  # only resolved here, no tensor is made on it
+    monkeypatch.setattr(hashgrid_triton, "triton_importable", lambda: True)
+    assert resolve_backend("auto", cuda_device) == "triton"
+    monkeypatch.setattr(hashgrid_triton, "triton_importable", lambda: False)
+    assert resolve_backend("auto", cuda_device) == "compiled"
+    # tcnn only when asked for, and an explicit choice is kept
+    for backend in ("torch", "compiled", "triton", "tcnn"):
+        assert resolve_backend(backend, cuda_device) == backend
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_module_imports_without_triton_and_defers_it():
+    # Importing the backend module must not import triton (CI installs no triton).
+    import subprocess
+    import sys
+
+    code = ("import sys; import magic3d.ops.hashgrid, magic3d.ops.hashgrid_triton; "
+            "print('triton' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+# --- on the GPU (make test-gpu) ---
+
+
+@pytest.mark.gpu
+@cuda
+@needs_triton
+@pytest.mark.parametrize("interpolation", ["linear", "smoothstep"])
+def test_matches_the_twin_on_gpu(interpolation):
+    spec = HashGridSpec.build(interpolation=interpolation)  # 16 levels x 2 features, 2^19 table
+    x = torch.rand(2**16, 3, generator=torch.Generator().manual_seed(20)).cuda()
+    x = torch.cat([x, x[:4096] * 1.6 - 0.3])  # some outside the unit cube
+    params = _table(spec, seed=21, device="cuda")
+    pos, entries = hashgrid_triton.corner_entries(x, spec)
+    pos_ref, entries_ref = _reference_corners(x, spec)
+    assert torch.equal(pos, pos_ref)  # same one-rounding rule on the GPU
+    assert torch.equal(entries, entries_ref)
+    _assert_matches_twin(x, params, spec, seed=22)
+
+
+@pytest.mark.gpu
+@cuda
+@needs_triton
+def test_forward_and_point_gradient_are_deterministic_on_gpu():
+    spec = HashGridSpec.build(interpolation="smoothstep")
+    x = torch.rand(2**16, 3, device="cuda")
+    params = _table(spec, seed=23, device="cuda")
+    cotangent = torch.randn(2**16, spec.n_output_dims, device="cuda")
+    first = _forward_backward(x, params, spec, "triton", cotangent)
+    second = _forward_backward(x, params, spec, "triton", cotangent)
+    # No atomics in the forward or the point gradient: bit-identical runs. The table gradient
+    # (atomics) may differ in the last bits; its bound is checked against the twin above.
+    assert torch.equal(first[0], second[0]) and torch.equal(first[2], second[2])
+
+
+@pytest.mark.gpu
+@cuda
+@needs_triton
+def test_module_auto_picks_triton_on_gpu():
+    grid = HashGrid(backend="auto").cuda()
+    assert grid.resolve_backend(torch.device("cuda")) == "triton"
+    out = grid(torch.rand(1000, 3, device="cuda"))
+    assert out.shape == (1000, 32) and torch.isfinite(out).all()
