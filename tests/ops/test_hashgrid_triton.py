@@ -233,6 +233,15 @@ def test_auto_precedence_on_cuda(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
+def test_benchmark_times_triton_beside_the_others(monkeypatch):
+    from magic3d.ops import hashgrid_bench
+
+    monkeypatch.setattr(hashgrid_bench, "tcnn_available", lambda: False)
+    monkeypatch.setattr(hashgrid_bench, "triton_importable", lambda: True)
+    assert hashgrid_bench.default_backends("cuda") == ["torch", "compiled", "triton"]
+    assert hashgrid_bench.default_backends("cpu") == ["torch"]
+
+
 def test_module_imports_without_triton_and_defers_it():
     # Importing the backend module must not import triton (CI installs no triton).
     import subprocess
