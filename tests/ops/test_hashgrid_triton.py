@@ -8,6 +8,8 @@ the default 16 x 2 x 2^19 layout.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -209,6 +211,17 @@ def test_triton_on_cpu_without_the_interpreter_is_a_one_line_error(monkeypatch):
             HashGrid(**MIXED, backend="triton")
     # An explicit triton falls back to torch for CPU inputs of a module, like compiled and tcnn.
     assert resolve_backend("triton", torch.device("cpu")) == "torch"
+
+
+@needs_triton
+def test_kernels_are_decorated_per_interpreter_flag(monkeypatch):
+    # One session can hold both kinds (CPU tests interpreted, CUDA compiled); building them
+    # leaves the user's flag as it was.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreted, compiled = hashgrid_triton._kernels(True), hashgrid_triton._kernels(False)
+    assert type(interpreted.forward_kernel).__name__ == "InterpretedFunction"
+    assert type(compiled.forward_kernel).__name__ == "JITFunction"
+    assert os.environ["TRITON_INTERPRET"] == "1" and hashgrid_triton.interpreter_enabled()
 
 
 def test_missing_triton_is_a_one_line_error_naming_the_install(monkeypatch):

@@ -44,6 +44,7 @@ import functools
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Protocol
@@ -52,7 +53,6 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-
 
 
 class HashGridSpec(Protocol):
@@ -125,16 +125,33 @@ def _kernels(interpret: bool) -> ModuleType:
     ``triton.jit`` picks compiled or interpreted when it decorates, so each flag value gets
     its own copy of the module (executed from the same file): CPU tests under
     ``TRITON_INTERPRET=1`` and CUDA runs in one session each get the kind they need."""
-    from triton import knobs
-
     name = "magic3d.ops.hashgrid_triton_kernels" + ("_interpreted" if interpret else "")
     module_spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("hashgrid_triton_kernels.py"))
     module = importlib.util.module_from_spec(module_spec)
-    with knobs.runtime.scope():  # restores the knob (and TRITON_INTERPRET) afterwards
-        knobs.runtime.interpret = interpret
+    with _interpret_flag(interpret):
         module_spec.loader.exec_module(module)
     sys.modules[name] = module  # for inspect.getsource and Triton's cache keys
     return module
+
+
+@contextlib.contextmanager
+def _interpret_flag(interpret: bool) -> Iterator[None]:
+    try:
+        from triton import knobs
+    except ImportError:  # triton < 3.4 reads the environment variable when it decorates
+        previous = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = previous
+        return
+    with knobs.runtime.scope():  # restores the knob (and TRITON_INTERPRET) afterwards
+        knobs.runtime.interpret = interpret
+        yield
 
 
 @functools.lru_cache(maxsize=64)
