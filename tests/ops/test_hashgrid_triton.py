@@ -82,6 +82,20 @@ def _table_grad_bound(x, params, spec, cotangent) -> torch.Tensor:
     return 2 * counts * torch.finfo(params.dtype).eps * term_sums
 
 
+def _points_grad_bound(x, params, spec, cotangent) -> torch.Tensor:
+    """Point gradient: per level, sums over 8 corners x F features of grad_out * value times
+    weight factors (grouped otherwise than the twin's autograd), times the smoothstep slope
+    (<= 1.5) and the scale; both sides sum the levels in float64. Each side errs by about
+    (F + 3 + 7 + 4) eps relative to sum_l scale_l * sum |grad_out| |value| (weights <= 1), so
+    48 eps bounds the difference of the two."""
+    n_features = spec.n_features_per_level
+    _, entries = _reference_corners(x, spec)
+    values = params.view(-1, n_features)[entries].abs()  # (P, L, 8, F)
+    per_level = (values * cotangent.reshape(-1, spec.n_levels, 1, n_features).abs()).sum(dim=(2, 3))
+    scales = torch.tensor(spec.level_scales, dtype=per_level.dtype, device=x.device)
+    return 48 * torch.finfo(params.dtype).eps * (per_level * scales).sum(dim=1, keepdim=True)
+
+
 def _assert_matches_twin(x: torch.Tensor, params: torch.Tensor, spec: HashGridSpec, seed: int) -> None:
     """Forward, d params and d x of the triton backend against the torch twin, each within a
     bound on the difference of two float32 evaluations of the same sums in other orders."""
@@ -90,7 +104,6 @@ def _assert_matches_twin(x: torch.Tensor, params: torch.Tensor, spec: HashGridSp
     out_ref, dp_ref, dx_ref = _forward_backward(x, params, spec, "torch", cotangent)
     out, dp, dx = _forward_backward(x, params, spec, "triton", cotangent)
     eps = torch.finfo(params.dtype).eps
-    n_features = spec.n_features_per_level
 
     # Forward: both sides form the same float products value * weight (the weights are the same
     # bits: same positions, same operation order) and sum 8 of them per level in another order
@@ -101,16 +114,7 @@ def _assert_matches_twin(x: torch.Tensor, params: torch.Tensor, spec: HashGridSp
 
     assert ((dp - dp_ref).abs() <= _table_grad_bound(x, params, spec, cotangent)).all()
 
-    # Point gradient: per level, float32 sums over 8 corners x F features of grad_out * value
-    # times weight factors (in another grouping than the twin's autograd), times the smoothstep
-    # slope (<= 1.5) and the scale; both sides sum the levels in float64. Bound: a few dozen
-    # eps times sum_l scale_l * sum |grad_out| |value| (interpolation weights are <= 1).
-    _, entries = _reference_corners(x, spec)
-    values = params.view(-1, n_features)[entries].abs()  # (P, L, 8, F)
-    per_level = (values * cotangent.view(-1, spec.n_levels, 1, n_features).abs()).sum(dim=(2, 3))
-    scales = torch.tensor(spec.level_scales, dtype=per_level.dtype, device=x.device)
-    bound = 48 * eps * (per_level * scales).sum(dim=1, keepdim=True)
-    assert ((dx - dx_ref).abs() <= bound + 1e-30).all()
+    assert ((dx - dx_ref).abs() <= _points_grad_bound(x, params, spec, cotangent)).all()
 
 
 @needs_triton
@@ -185,6 +189,25 @@ def test_only_the_requested_gradient(interpreter):
     (d_ref,) = torch.autograd.grad(hashgrid_encode(x, reference, spec), reference, cotangent)
     # the kernel for d x is skipped (x needs no gradient); d params as in the full comparison
     assert ((d_params - d_ref).abs() <= _table_grad_bound(x, params, spec, cotangent)).all()
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", ["expanded", "transposed", "sliced"])
+def test_strided_cotangents(interpreter, layout):
+    # The backward reads the cotangent through its strides (no copy): out.sum() gives an
+    # expanded one (strides 0), a consumer of out.t() a transposed one, a split a slice.
+    spec = _spec("smoothstep")
+    x, params = _points(40, seed=16), _table(spec, seed=17)
+    n, c = x.shape[0], spec.n_output_dims
+    base = torch.randn(2 * c, n, generator=torch.Generator().manual_seed(18))
+    cotangent = {"expanded": torch.ones(1, 1).expand(n, c), "transposed": base[:c].t(),
+                 "sliced": base.t()[:, 5:5 + c]}[layout]
+    assert not cotangent.is_contiguous()
+    out_ref, dp_ref, dx_ref = _forward_backward(x, params, spec, "torch", cotangent.contiguous())
+    out, dp, dx = _forward_backward(x, params, spec, "triton", cotangent)
+    # as in the full comparison: same products, other summation orders
+    assert ((dp - dp_ref).abs() <= _table_grad_bound(x, params, spec, cotangent.contiguous())).all()
+    assert ((dx - dx_ref).abs() <= _points_grad_bound(x, params, spec, cotangent.contiguous())).all()
 
 
 @needs_triton

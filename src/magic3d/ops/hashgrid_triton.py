@@ -206,7 +206,7 @@ class _HashGridTriton(torch.autograd.Function):
         x, params = ctx.saved_tensors
         spec: HashGridSpec = ctx.spec
         need_x, need_params = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = torch.zeros_like(x) if need_x else None
+        grad_x = torch.empty_like(x) if need_x else None  # every row is written
         grad_params = None
         if need_params:
             # Half tables accumulate in float32: thousands of half-precision atomic additions
@@ -215,19 +215,21 @@ class _HashGridTriton(torch.autograd.Function):
             grad_params = torch.zeros(params.shape, dtype=acc_dtype, device=params.device)
         n_points = x.shape[0]
         if n_points > 0 and (need_x or need_params):
-            grad_out = grad_out.contiguous()
             kernels, scales, meta, index64 = _launch_setup(x, spec)
+            # A strided cotangent (a slice, an expansion) has offsets of its own to bound.
+            last = sum((size - 1) * abs(stride) for size, stride in zip(grad_out.shape, grad_out.stride()))
+            index64 = index64 or last >= 2**31
             common = dict(N_LEVELS=spec.n_levels, F=spec.n_features_per_level,
                           SMOOTH=spec.interpolation == "smoothstep", INDEX64=index64, num_warps=NUM_WARPS)
             with _device_guard(x):
                 if need_params:
                     grid = (triton_cdiv(n_points, BLOCK_BACKWARD), spec.n_levels)
                     kernels.backward_table_kernel[grid](x, grad_out, grad_params, scales, meta, n_points,
-                                                 BLOCK=BLOCK_BACKWARD, **common)
+                                                        *grad_out.stride(), BLOCK=BLOCK_BACKWARD, **common)
                 if need_x:
                     grid = (triton_cdiv(n_points, BLOCK_BACKWARD),)
                     kernels.backward_points_kernel[grid](x, params, grad_out, grad_x, scales, meta, n_points,
-                                                  BLOCK=BLOCK_BACKWARD, **common)
+                                                         *grad_out.stride(), BLOCK=BLOCK_BACKWARD, **common)
         if grad_params is not None:
             grad_params = grad_params.to(params.dtype)
         return grad_x, grad_params, None

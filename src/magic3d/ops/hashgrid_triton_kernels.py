@@ -145,6 +145,13 @@ def dfrac(dw, frac, SMOOTH: tl.constexpr):
 
 
 @triton.jit
+def grad_offsets(rows, level, feats, stride_p, stride_c, F: tl.constexpr):
+    # Strided, so an expanded cotangent (out.sum(): strides 0) needs no copy; Triton specialises
+    # a stride of 1, so the contiguous layout keeps its vector loads.
+    return rows[:, None] * stride_p + (level * F + feats[None, :]) * stride_c
+
+
+@triton.jit
 def point_rows(BLOCK: tl.constexpr, INDEX64: tl.constexpr):
     start = tl.program_id(0)
     if INDEX64:
@@ -179,7 +186,8 @@ def forward_kernel(x_ptr, table_ptr, out_ptr, scales_ptr, meta_ptr, n_points,
 
 
 @triton.jit
-def backward_table_kernel(x_ptr, grad_out_ptr, grad_table_ptr, scales_ptr, meta_ptr, n_points,
+def backward_table_kernel(x_ptr, grad_out_ptr, grad_table_ptr, scales_ptr, meta_ptr, n_points, grad_stride_p,
+                          grad_stride_c,
                           N_LEVELS: tl.constexpr, F: tl.constexpr, SMOOTH: tl.constexpr,
                           INDEX64: tl.constexpr, BLOCK: tl.constexpr):
     level = tl.program_id(1)
@@ -194,7 +202,7 @@ def backward_table_kernel(x_ptr, grad_out_ptr, grad_table_ptr, scales_ptr, meta_
     wy = smooth(frac_y, SMOOTH).to(w_dtype)
     wz = smooth(frac_z, SMOOTH).to(w_dtype)
     feats = tl.arange(0, F)
-    grad = tl.load(grad_out_ptr + rows[:, None] * (N_LEVELS * F) + level * F + feats[None, :],
+    grad = tl.load(grad_out_ptr + grad_offsets(rows, level, feats, grad_stride_p, grad_stride_c, F),
                    mask=mask[:, None], other=0.0)
     if hashed:
         scatter_level(grad_table_ptr, grad, gx, gy, gz, wx, wy, wz, res, size, offset, mask, feats,
@@ -206,6 +214,7 @@ def backward_table_kernel(x_ptr, grad_out_ptr, grad_table_ptr, scales_ptr, meta_
 
 @triton.jit
 def backward_points_kernel(x_ptr, table_ptr, grad_out_ptr, grad_x_ptr, scales_ptr, meta_ptr, n_points,
+                           grad_stride_p, grad_stride_c,
                            N_LEVELS: tl.constexpr, F: tl.constexpr, SMOOTH: tl.constexpr,
                            INDEX64: tl.constexpr, BLOCK: tl.constexpr):
     rows = point_rows(BLOCK, INDEX64)
@@ -223,7 +232,7 @@ def backward_points_kernel(x_ptr, table_ptr, grad_out_ptr, grad_x_ptr, scales_pt
         wx = smooth(frac_x, SMOOTH).to(w_dtype)
         wy = smooth(frac_y, SMOOTH).to(w_dtype)
         wz = smooth(frac_z, SMOOTH).to(w_dtype)
-        grad = tl.load(grad_out_ptr + rows[:, None] * (N_LEVELS * F) + level * F + feats[None, :],
+        grad = tl.load(grad_out_ptr + grad_offsets(rows, level, feats, grad_stride_p, grad_stride_c, F),
                        mask=mask[:, None], other=0.0)
         if hashed:
             dwx, dwy, dwz = weight_grads_level(table_ptr, grad, gx, gy, gz, wx, wy, wz, res, size, offset,
