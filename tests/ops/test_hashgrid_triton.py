@@ -247,6 +247,75 @@ def test_kernels_are_decorated_per_interpreter_flag(monkeypatch):
     assert os.environ["TRITON_INTERPRET"] == "1" and hashgrid_triton.interpreter_enabled()
 
 
+def _compile_for_h100_class(fn, pointers: dict, scalars: dict, constexprs: dict):
+    """Ahead-of-time compile to an sm_90 cubin on this machine (no GPU needed: Triton ships
+    ptxas), with the specialisations a launch would get (16-byte aligned pointers, the row
+    stride divisible by 16, a unit feature stride)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {**pointers, **scalars, **{name: "constexpr" for name in constexprs}}
+    aligned = [*pointers, *(name for name in scalars if name == "grad_stride_p")]
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": hashgrid_triton.NUM_WARPS})
+
+
+@needs_triton
+@pytest.mark.parametrize("interpolation", ["linear", "smoothstep"])
+def test_kernels_compile_for_the_gpu(interpolation, monkeypatch, tmp_path):
+    # The interpreter never runs Triton's code generator, so a kernel can pass every CPU test
+    # and still fail to compile; this compiles the default layout's kernels for sm_90. An
+    # interpreted launch first, and an empty cache, so the compile really happens after the
+    # interpreter ran in this process (both kinds must coexist; see hashgrid_triton_kernels).
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    spec = _spec(n_levels=2)
+    hashgrid_encode(_points(4, seed=19), _table(spec, seed=19), spec, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    kernels = hashgrid_triton._kernels(False)
+    levels = {"scales_ptr": "*fp64", "meta_ptr": "*i64"}
+    layout = {"N_LEVELS": 16, "F": 2, "SMOOTH": interpolation == "smoothstep", "INDEX64": False,
+              "BLOCK": hashgrid_triton.BLOCK_FORWARD}
+    backward = {"n_points": "i32", "grad_stride_p": "i32"}
+    forward = _compile_for_h100_class(kernels.forward_kernel, {"x_ptr": "*fp32", "table_ptr": "*fp32",
+                                                               "out_ptr": "*fp32", **levels}, {"n_points": "i32"}, layout)
+    table = _compile_for_h100_class(kernels.backward_table_kernel, {"x_ptr": "*fp32", "grad_out_ptr": "*fp32",
+                                                                    "grad_table_ptr": "*fp32", **levels},
+                                    backward, {**layout, "grad_stride_c": 1})
+    points = _compile_for_h100_class(kernels.backward_points_kernel, {"x_ptr": "*fp32", "table_ptr": "*fp32",
+                                                                      "grad_out_ptr": "*fp32", "grad_x_ptr": "*fp32",
+                                                                      **levels}, backward, {**layout, "grad_stride_c": 1})
+    # Each corner is one 8-byte gather of both features, and the table gradient a fire-and-
+    # forget vector reduction (red, not atom: nothing read back; relaxed: no fences).
+    assert "ld.global.v2.b32" in forward.asm["ptx"] and "ld.global.v2.b32" in points.asm["ptx"]
+    assert "red.global.gpu.relaxed.add.v2.f32" in table.asm["ptx"] and "atom.global" not in table.asm["ptx"]
+
+
+@needs_triton
+def test_interpreter_works_after_triton_was_imported_compiled():
+    # torch's inductor (or anything) may import triton first with the interpreter off; the
+    # interpreted kernels must not depend on triton's own @jit library decorated in that mode.
+    import subprocess
+    import sys
+
+    code = """
+import os, torch, triton.language
+os.environ["TRITON_INTERPRET"] = "1"
+from magic3d.ops.hashgrid import HashGridSpec, hashgrid_encode
+spec = HashGridSpec.build(n_levels=2, log2_hashmap_size=6, base_resolution=3, per_level_scale=2.0)
+x = torch.rand(5, 3, requires_grad=True)
+params = torch.rand(spec.n_params, requires_grad=True)
+out = hashgrid_encode(x, params, spec, backend="triton")
+torch.autograd.grad(out.sum(), (x, params))
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
 def test_missing_triton_is_a_one_line_error_naming_the_install(monkeypatch):
     monkeypatch.setattr(hashgrid_triton, "triton_importable", lambda: False)
     with pytest.raises(ValueError, match="pip install triton") as error:

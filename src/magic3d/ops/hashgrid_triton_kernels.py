@@ -4,6 +4,12 @@ Kept in their own file because ``triton.jit`` resolves the helper functions a ke
 through its module's globals, so the kernels must be module-level, and importing this module
 imports triton. ``hashgrid_triton`` loads it only when the triton backend runs, once per
 value of the interpreter flag (``triton.jit`` reads that flag when it decorates).
+
+Only builtins of ``triton.language`` are used, none of its ``@jit`` standard library
+(``tl.zeros``, ``tl.zeros_like``, ``tl.sum``, ...): those are decorated once, in whichever
+mode was on when triton was first imported, so a kernel calling them breaks in the other
+mode (an interpreter test after torch's inductor imported triton, or a compile after an
+interpreter test). ``tl.full`` and ``tl.reduce`` with our own combine function do instead.
 """
 
 import triton
@@ -12,6 +18,11 @@ import triton.language as tl
 # tiny-cuda-nn's coherent-prime hash factors for y and z (x's is 1); uint32 literals in Triton.
 PRIME_Y = tl.constexpr(2654435761)
 PRIME_Z = tl.constexpr(805459861)
+
+
+@triton.jit
+def add(a, b):
+    return a + b
 
 
 @triton.jit
@@ -85,7 +96,7 @@ def table_offsets(entry, feats, F: tl.constexpr, INDEX64: tl.constexpr):
 @triton.jit
 def gather_level(table_ptr, gx, gy, gz, wx, wy, wz, res, size, offset, mask, feats,
                  F: tl.constexpr, HASHED: tl.constexpr, INDEX64: tl.constexpr, BLOCK: tl.constexpr):
-    acc = tl.zeros((BLOCK, F), dtype=wx.dtype)
+    acc = tl.full((BLOCK, F), 0, wx.dtype)
     for k in tl.static_range(8):
         entry = corner_entry(gx, gy, gz, res, size, offset, k & 1, (k >> 1) & 1, k >> 2, HASHED)
         values = tl.load(table_ptr + table_offsets(entry, feats, F, INDEX64), mask=mask[:, None], other=0.0)
@@ -110,13 +121,13 @@ def scatter_level(grad_table_ptr, grad, gx, gy, gz, wx, wy, wz, res, size, offse
 def weight_grads_level(table_ptr, grad, gx, gy, gz, wx, wy, wz, res, size, offset, mask, feats,
                        F: tl.constexpr, HASHED: tl.constexpr, INDEX64: tl.constexpr):
     # d out / d w_axis: corner k's weight is a product of one factor per axis, w or 1 - w.
-    dwx = tl.zeros_like(wx)
-    dwy = tl.zeros_like(wx)
-    dwz = tl.zeros_like(wx)
+    dwx = tl.full(wx.shape, 0, wx.dtype)
+    dwy = tl.full(wx.shape, 0, wx.dtype)
+    dwz = tl.full(wx.shape, 0, wx.dtype)
     for k in tl.static_range(8):
         entry = corner_entry(gx, gy, gz, res, size, offset, k & 1, (k >> 1) & 1, k >> 2, HASHED)
         values = tl.load(table_ptr + table_offsets(entry, feats, F, INDEX64), mask=mask[:, None], other=0.0)
-        g = tl.sum(values * grad, axis=1)  # cotangent . corner value, (BLOCK,)
+        g = tl.reduce(values * grad, 1, add)  # cotangent . corner value, (BLOCK,)
         fx = pick(wx, k & 1)
         fy = pick(wy, (k >> 1) & 1)
         fz = pick(wz, k >> 2)
@@ -221,9 +232,9 @@ def backward_points_kernel(x_ptr, table_ptr, grad_out_ptr, grad_x_ptr, scales_pt
     mask = rows < n_points
     w_dtype = table_ptr.dtype.element_ty
     feats = tl.arange(0, F)
-    dx = tl.zeros((BLOCK,), dtype=tl.float64)
-    dy = tl.zeros((BLOCK,), dtype=tl.float64)
-    dz = tl.zeros((BLOCK,), dtype=tl.float64)
+    dx = tl.full((BLOCK,), 0, tl.float64)
+    dy = tl.full((BLOCK,), 0, tl.float64)
+    dz = tl.full((BLOCK,), 0, tl.float64)
     for level in range(N_LEVELS):
         scale, res, size, offset, hashed = level_constants(scales_ptr, meta_ptr, level)
         _, frac_x, gx = axis_cell(x_ptr, rows, mask, 0, scale)
