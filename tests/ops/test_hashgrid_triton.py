@@ -259,7 +259,7 @@ def _compile_for_h100_class(fn, pointers: dict, scalars: dict, constexprs: dict)
     aligned = [*pointers, *(name for name in scalars if name == "grad_stride_p")]
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": hashgrid_triton.NUM_WARPS})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=hashgrid_triton.LAUNCH_OPTIONS)
 
 
 @needs_triton

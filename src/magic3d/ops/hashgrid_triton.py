@@ -81,6 +81,11 @@ class HashGridSpec(Protocol):
 BLOCK_FORWARD = 128
 BLOCK_BACKWARD = 128
 NUM_WARPS = 4
+# Compile options of every launch. Fused multiply-adds in the corner sums, as tiny-cuda-nn's
+# compiler contracts them; stated because Triton 3.10 turns the default off. The exactness
+# contract is unaffected: the position's float64 product is exact, 2 * frac in smoothstep is
+# exact, and the weight products contain no additions to contract.
+LAUNCH_OPTIONS = dict(num_warps=NUM_WARPS, enable_fp_fusion=True)
 
 TRITON_INSTALL_HINT = "pip install triton (ships with CUDA builds of torch) or use backend='compiled' / 'torch'"
 
@@ -197,7 +202,7 @@ class _HashGridTriton(torch.autograd.Function):
         with _device_guard(x):
             kernels.forward_kernel[grid](x, params, out, scales, meta, n_points, N_LEVELS=spec.n_levels,
                                   F=spec.n_features_per_level, SMOOTH=spec.interpolation == "smoothstep",
-                                  INDEX64=index64, BLOCK=BLOCK_FORWARD, num_warps=NUM_WARPS)
+                                  INDEX64=index64, BLOCK=BLOCK_FORWARD, **LAUNCH_OPTIONS)
         return out
 
     @staticmethod
@@ -220,7 +225,7 @@ class _HashGridTriton(torch.autograd.Function):
             last = sum((size - 1) * abs(stride) for size, stride in zip(grad_out.shape, grad_out.stride()))
             index64 = index64 or last >= 2**31
             common = dict(N_LEVELS=spec.n_levels, F=spec.n_features_per_level,
-                          SMOOTH=spec.interpolation == "smoothstep", INDEX64=index64, num_warps=NUM_WARPS)
+                          SMOOTH=spec.interpolation == "smoothstep", INDEX64=index64, **LAUNCH_OPTIONS)
             with _device_guard(x):
                 if need_params:
                     grid = (triton_cdiv(n_points, BLOCK_BACKWARD), spec.n_levels)
@@ -262,5 +267,5 @@ def corner_entries(
     with _device_guard(x):
         kernels.corners_kernel[(triton_cdiv(n_points, BLOCK_FORWARD), spec.n_levels)](
             x, pos, entries, scales, meta, n_points, N_LEVELS=spec.n_levels, INDEX64=index64,
-            BLOCK=BLOCK_FORWARD, num_warps=NUM_WARPS)
+            BLOCK=BLOCK_FORWARD, **LAUNCH_OPTIONS)
     return pos, entries
