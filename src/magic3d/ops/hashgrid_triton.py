@@ -90,9 +90,18 @@ LAUNCH_OPTIONS = dict(num_warps=NUM_WARPS, enable_fp_fusion=True)
 TRITON_INSTALL_HINT = "pip install triton (ships with CUDA builds of torch) or use backend='compiled' / 'torch'"
 
 
+@functools.lru_cache(maxsize=1)
 def triton_importable() -> bool:
-    """Whether ``import triton`` would succeed, without importing it."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton imports here; a broken install (a wheel built for another CUDA or
+    Python) counts as absent, so ``auto`` does not pick a backend that cannot load. Imports
+    triton the first time it is asked, never when this module is imported."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        importlib.import_module("triton.language")
+    except Exception:  # noqa: BLE001 - ImportError, OSError from its native library, ...
+        return False
+    return True
 
 
 def interpreter_enabled() -> bool:
