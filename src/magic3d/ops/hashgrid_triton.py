@@ -6,15 +6,17 @@ float32 values, which is exact, plus 0.5, rounded once to the input's precision)
 in uint32 arithmetic (wrap-around of the hash products and of the dense index), modulo the
 level size, dense or coherent-prime hash per level, linear or smoothstep weights in the
 table's dtype, and a level-major output. The gathered entries are bit-identical to the twin's
-(``corner_entries``, checked by the tests); values differ only by the order of float32 sums.
+(``corner_entries``, checked by the tests); values differ only by the order of the float32
+sums (and, compiled, their fused multiply-adds).
 
 Work decomposition
 ------------------
 * Forward and table gradient: one program per (block of points, level), the level on grid
   axis 1. CUDA schedules axis 0 fastest, so the programs resident at one time all read (or
   scatter into) the same level's table, at most ``2^T * F * 4`` bytes (4 MiB by default),
-  which stays in L2; a program that looped over levels would stream the whole 50 MB table
-  through the cache at once. The 8 corner gathers (or atomics) per level are the cost; the
+  which fits in L2; a program that looped over levels would touch the whole table (50 MB by
+  default, the size of an H100/H200's entire L2) at once. (tiny-cuda-nn makes the same
+  choice; the effect here is reasoned, not yet measured: ``make bench``.) The 8 corner gathers (or atomics) per level are the cost; the
   position and index math around them is a few dozen integer ops and is recomputed in the
   backward rather than storing 8 indices per point and level (256 MB at 2^20 points).
   The dense/hashed choice is a uniform branch per program, so hashed levels use a mask
@@ -74,6 +76,7 @@ class HashGridSpec(Protocol):
 
     @property
     def n_output_dims(self) -> int: ...
+
 
 # Points per program. 128 points x F features is one or a few rows per thread at 4 warps;
 # a starting point to tune on the GPU (larger blocks add registers, not reuse: no data is
@@ -210,8 +213,8 @@ class _HashGridTriton(torch.autograd.Function):
         grid = (triton_cdiv(n_points, BLOCK_FORWARD), spec.n_levels)
         with _device_guard(x):
             kernels.forward_kernel[grid](x, params, out, scales, meta, n_points, N_LEVELS=spec.n_levels,
-                                  F=spec.n_features_per_level, SMOOTH=spec.interpolation == "smoothstep",
-                                  INDEX64=index64, BLOCK=BLOCK_FORWARD, **LAUNCH_OPTIONS)
+                                         F=spec.n_features_per_level, SMOOTH=spec.interpolation == "smoothstep",
+                                         INDEX64=index64, BLOCK=BLOCK_FORWARD, **LAUNCH_OPTIONS)
         return out
 
     @staticmethod
