@@ -343,10 +343,11 @@ def markdown_report(coarse: list[CoarseTiming], grid_rows: list) -> str:
     for r in coarse:
         lines.append(f"| {r.batch_size} | {r.iteration_ms:.1f} | {r.render_fwd_ms:.1f} | {r.guidance_ms:.1f} | "
                      f"{r.backward_ms:.1f} | {r.optimizer_ms:.1f} | {r.peak_gib:.1f} | {r.samples_per_ray:.0f} |")
-    lines += ["", "Hash-grid encode forward + backward (w.r.t. the table), 16 levels × 2 features, 2^19 table:",
-              "", "| backend | points | ms | M points/s |", "|---|---|---|---|"]
+    lines += ["", "Hash-grid encode forward + backward, 16 levels × 2 features, 2^19 table:",
+              "", "| backend | gradients | points | ms | M points/s |", "|---|---|---|---|---|"]
     for g in grid_rows:
-        lines.append(f"| {g.backend} | {g.n_points} | {g.ms:.2f} | {g.points_per_s / 1e6:.0f} |")
+        grads = "table + points" if g.points_grad else "table"
+        lines.append(f"| {g.backend} | {grads} | {g.n_points} | {g.ms:.2f} | {g.points_per_s / 1e6:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -361,9 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("make bench needs a CUDA GPU; none was found.")
         return 2
-    from magic3d.ops.hashgrid_bench import benchmark_hashgrid
+    from magic3d.ops.hashgrid_bench import benchmark_hashgrid, default_backends
 
-    grid_rows = [benchmark_hashgrid(n_points=2**20, device="cuda", backend=b) for b in ("torch", "compiled")]
+    # torch, compiled, and triton / tcnn when they import; the triton row also with d/dx,
+    # the gradient normals and eikonal terms take.
+    grid_rows = [benchmark_hashgrid(n_points=2**20, device="cuda", backend=b) for b in default_backends("cuda")]
+    if "triton" in default_backends("cuda"):
+        grid_rows.append(benchmark_hashgrid(n_points=2**20, device="cuda", backend="triton", points_grad=True))
     coarse = coarse_iteration(tuple(args.batch_sizes), iters=args.iters)
     report = markdown_report(coarse, grid_rows)
     if args.fine:

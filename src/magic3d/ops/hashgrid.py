@@ -20,8 +20,12 @@ double-rounding ties) on every backend. A separate float32 multiply and add woul
 positions by up to an ulp, about 5e-4 of a cell at the finest default level.
 
 Backends: ``torch`` (readable, the oracle, any device and dtype), ``compiled`` (the same math
-under ``torch.compile``, CUDA only) and ``tcnn`` (the fused CUDA kernel, optional). CPU inputs
-always take the torch path.
+under ``torch.compile``, CUDA only), ``triton`` (hand-written kernels for the forward and both
+gradients, ``magic3d.ops.hashgrid_triton``; needs the ``triton`` package, which CUDA builds of
+torch ship) and ``tcnn`` (the fused CUDA kernel, optional). ``auto`` resolves, for CUDA
+inputs, to ``triton`` when triton imports, else ``compiled``; ``tcnn`` is never chosen
+automatically (it must be asked for). CPU inputs always take the torch path, except an
+explicit ``triton`` under Triton's interpreter (``TRITON_INTERPRET=1``, for tests).
 """
 
 from __future__ import annotations
@@ -37,12 +41,12 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 Interpolation = Literal["linear", "smoothstep"]
-Backend = Literal["auto", "torch", "compiled", "tcnn"]
+Backend = Literal["auto", "torch", "compiled", "triton", "tcnn"]
 
 # tiny-cuda-nn's "coherent prime" hash factors for x, y, z (1 keeps x-neighbours adjacent).
 HASH_PRIMES: tuple[int, int, int] = (1, 2654435761, 805459861)
 _UINT32_MASK = 0xFFFFFFFF
-_BACKENDS = ("auto", "torch", "compiled", "tcnn")
+_BACKENDS = ("auto", "torch", "compiled", "triton", "tcnn")
 _INTERPOLATIONS = ("linear", "smoothstep")
 _TCNN_INSTALL_HINT = (
     "install tiny-cuda-nn's torch bindings (pip install "
@@ -177,21 +181,19 @@ def _level_tensors(spec: HashGridSpec, device: torch.device) -> _LevelTensors:
     )
 
 
-def _encode_core(
+def _positions_and_corners(
     x: Tensor,
-    params: Tensor,
     scales: Tensor,
     resolutions: Tensor,
     sizes: Tensor,
     offsets: Tensor,
     is_hashed: Tensor,
-    n_features: int,
-    smoothstep: bool,
-    int32_index: bool,
-) -> Tensor:
-    """All levels and all 8 corners at once. Corners are built per axis as (P, L, 2) terms and
-    combined by broadcasting into (P, L, 2z, 2y, 2x), so corner k = bx + 2*by + 4*bz."""
-    n_points, n_levels = x.shape[0], scales.shape[0]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Scaled positions (P, L, 3), their fractional parts (P, L, 3) and the flat-table entries
+    of the 8 corners (P, L, 2z, 2y, 2x) int64, so corner k = bx + 2*by + 4*bz.
+
+    Corners are built per axis as (P, L, 2) terms and combined by broadcasting. Separate from
+    the gather so that other backends can be checked index for index against this one."""
     # One rounding, like tiny-cuda-nn's fmaf: the float64 product of float32 values is exact.
     pos = (x.to(torch.float64)[:, None, :] * scales[None, :, None] + 0.5).to(x.dtype)  # (P, L, 3)
     cell_f = torch.floor(pos)
@@ -206,6 +208,24 @@ def _encode_core(
               ^ (gx * HASH_PRIMES[0])[..., None, None, :])
     index = torch.where(is_hashed[None, :, None, None, None], hashed, dense) & _UINT32_MASK
     index = index % sizes[None, :, None, None, None] + offsets[None, :, None, None, None]
+    return pos, frac, index
+
+
+def _encode_core(
+    x: Tensor,
+    params: Tensor,
+    scales: Tensor,
+    resolutions: Tensor,
+    sizes: Tensor,
+    offsets: Tensor,
+    is_hashed: Tensor,
+    n_features: int,
+    smoothstep: bool,
+    int32_index: bool,
+) -> Tensor:
+    """All levels and all 8 corners at once (see ``_positions_and_corners``)."""
+    n_points, n_levels = x.shape[0], scales.shape[0]
+    _, frac, index = _positions_and_corners(x, scales, resolutions, sizes, offsets, is_hashed)
 
     # int32 halves the index tensor kept for backward (measured 5.3 -> 4.8 ms under compile).
     flat_index = index.reshape(-1).to(torch.int32) if int32_index else index.reshape(-1)
@@ -241,20 +261,58 @@ def _positions(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def triton_available(device: torch.device | str = "cuda") -> bool:
+    """Whether the triton backend can run for tensors on ``device``: triton imports and the
+    device is CUDA (any device under Triton's interpreter)."""
+    from magic3d.ops import hashgrid_triton
+
+    try:
+        hashgrid_triton.check_device(torch.device(device))
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> Literal["torch", "compiled", "triton", "tcnn"]:
+    """The backend that runs for inputs on ``device`` when ``backend`` is asked for.
+
+    Fast paths only for CUDA inputs (an explicit triton also under Triton's interpreter);
+    ``auto`` on CUDA prefers triton, then compiled, and never picks tcnn by itself."""
+    if device.type != "cuda":
+        return "triton" if backend == "triton" and triton_available(device) else "torch"
+    if backend == "auto":
+        from magic3d.ops.hashgrid_triton import triton_importable
+
+        # tiny-cuda-nn builds but crashes on its first forward with torch 2.11 + CUDA 13
+        # (REFERENCE.md): tcnn only when asked for. Without triton, compiled is next (its
+        # CUDA code generation needs triton too, so it reports the missing install).
+        return "triton" if triton_importable() else "compiled"
+    return backend
+
+
 def hashgrid_encode(
     x: Float[Tensor, "P 3"],
     params: Float[Tensor, "N"],
     spec: HashGridSpec,
-    backend: Literal["torch", "compiled"] = "torch",
+    backend: Literal["auto", "torch", "compiled", "triton"] = "torch",
 ) -> Float[Tensor, "P C"]:
     """Functional hash-grid encoding of points in [0, 1]^3; output is level-major
-    ``[l0f0, l0f1, l1f0, ...]`` with the dtype of ``params``."""
+    ``[l0f0, l0f1, l1f0, ...]`` with the dtype of ``params``.
+
+    ``triton`` raises (naming the fix) without triton or for CPU tensors outside Triton's
+    interpreter; ``auto`` resolves as ``resolve_backend`` says (torch on CPU)."""
     x = _positions(x)
     if params.shape != (spec.n_params,):
         raise ValueError(f"params must be a flat vector of {spec.n_params} values for this spec, "
                          f"got shape {tuple(params.shape)}")
     if params.device != x.device:
         raise ValueError(f"points are on {x.device} but params are on {params.device}")
+    if backend == "auto":
+        backend = resolve_backend("auto", x.device)
+    if backend == "triton":
+        from magic3d.ops.hashgrid_triton import hashgrid_encode_triton
+
+        return hashgrid_encode_triton(x, params, spec)
     levels = _level_tensors(spec, x.device)
     args = (x, params, levels.scales, levels.resolutions, levels.sizes, levels.offsets,
             levels.is_hashed, spec.n_features_per_level, spec.interpolation == "smoothstep",
@@ -262,7 +320,7 @@ def hashgrid_encode(
     if backend == "torch":
         return _encode_core(*args)
     if backend != "compiled":
-        raise ValueError(f"hashgrid_encode backend={backend!r} must be 'torch' or 'compiled'")
+        raise ValueError(f"hashgrid_encode backend={backend!r} must be 'auto', 'torch', 'compiled' or 'triton'")
     try:
         return _get_compiled_core()(*args)
     except torch.OutOfMemoryError:
@@ -306,6 +364,10 @@ class HashGrid(nn.Module):
             raise ValueError(f"backend={backend!r} must be one of {_BACKENDS}")
         if backend == "tcnn" and not tcnn_available():
             raise ValueError(f"backend='tcnn' but tinycudann does not import here: {_TCNN_INSTALL_HINT}")
+        if backend == "triton" and not triton_available():
+            from magic3d.ops import hashgrid_triton
+
+            hashgrid_triton.check_device(torch.device("cuda"))  # raises, naming what is missing
         self.spec = HashGridSpec.build(n_levels, n_features_per_level, log2_hashmap_size,
                                        base_resolution, per_level_scale, interpolation)
         self.backend = backend
@@ -320,15 +382,9 @@ class HashGrid(nn.Module):
     level_sizes = property(lambda self: self.spec.level_sizes)
     level_is_hashed = property(lambda self: self.spec.level_is_hashed)
 
-    def resolve_backend(self, device: torch.device) -> Literal["torch", "compiled", "tcnn"]:
-        """The backend a forward on ``device`` uses: fast paths only for CUDA inputs."""
-        if device.type != "cuda":
-            return "torch"
-        if self.backend == "auto":
-            # tiny-cuda-nn builds but crashes on its first forward with torch 2.11 + CUDA 13
-            # (REFERENCE.md), and the compiled path is as fast: tcnn only when asked for.
-            return "compiled"
-        return self.backend
+    def resolve_backend(self, device: torch.device) -> Literal["torch", "compiled", "triton", "tcnn"]:
+        """The backend a forward on ``device`` uses (module-level ``resolve_backend``)."""
+        return resolve_backend(self.backend, device)
 
     def forward(self, x: Float[Tensor, "P 3"]) -> Float[Tensor, "P C"]:
         x = _positions(x)

@@ -1,6 +1,8 @@
 """Hash-grid encode timing: forward + backward w.r.t. the table, as a training step pays it.
 
-Run ``python -m magic3d.ops.hashgrid_bench`` for every backend available on this machine.
+Run ``python -m magic3d.ops.hashgrid_bench`` for every backend available on this machine
+(torch; on CUDA also compiled, triton when it imports, tcnn when it imports);
+``--points-grad`` also takes the gradient w.r.t. the points (normals, eikonal terms).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Literal
 import torch
 
 from magic3d.ops.hashgrid import HashGrid, tcnn_available
+from magic3d.ops.hashgrid_triton import triton_importable
 
 
 @dataclass
@@ -21,20 +24,22 @@ class HashGridBenchmark:
     device: str  # device name, e.g. "NVIDIA H100 80GB HBM3" or "cpu"
     n_points: int
     n_params: int
+    points_grad: bool  # whether the timed backward also took d out / d x
     iters: int
     ms: float  # mean milliseconds per forward + backward
     points_per_s: float
 
     def __str__(self) -> str:
+        grads = "table+points" if self.points_grad else "table"
         return (f"hashgrid {self.backend:8s} on {self.device}: {self.n_points} points, "
-                f"{self.ms:.3f} ms fwd+bwd, {self.points_per_s / 1e6:.1f} M points/s "
+                f"{self.ms:.3f} ms fwd+bwd ({grads}), {self.points_per_s / 1e6:.1f} M points/s "
                 f"({self.n_params} params, mean of {self.iters})")
 
 
 def benchmark_hashgrid(
     n_points: int = 2**20,
     device: str = "cuda",
-    backend: Literal["auto", "torch", "compiled", "tcnn"] = "auto",
+    backend: Literal["auto", "torch", "compiled", "triton", "tcnn"] = "auto",
     iters: int = 20,
     warmup: int = 5,
     n_levels: int = 16,
@@ -43,6 +48,7 @@ def benchmark_hashgrid(
     base_resolution: int = 16,
     per_level_scale: float = 1.4473,
     seed: int = 0,
+    points_grad: bool = False,
 ) -> HashGridBenchmark:
     """Mean time of ``grid(x)`` followed by the table gradient for a random cotangent.
 
@@ -53,12 +59,13 @@ def benchmark_hashgrid(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     grid = HashGrid(n_levels, n_features_per_level, log2_hashmap_size, base_resolution,
                     per_level_scale, backend=backend).to(torch_device)
-    x = torch.rand(n_points, 3, generator=generator).to(torch_device)
+    x = torch.rand(n_points, 3, generator=generator).to(torch_device).requires_grad_(points_grad)
     cotangent = torch.randn(n_points, grid.n_output_dims, generator=generator).to(torch_device)
+    inputs = (grid.params, x) if points_grad else (grid.params,)
 
     def step() -> None:
         out = grid(x)
-        torch.autograd.grad(out, grid.params, cotangent)
+        torch.autograd.grad(out, inputs, cotangent)
 
     for _ in range(warmup):
         step()
@@ -81,8 +88,21 @@ def benchmark_hashgrid(
     ms = total_ms / iters
     return HashGridBenchmark(
         backend=grid.resolve_backend(torch_device), device=device_name, n_points=n_points,
-        n_params=grid.spec.n_params, iters=iters, ms=ms, points_per_s=n_points / (ms / 1e3),
+        n_params=grid.spec.n_params, points_grad=points_grad, iters=iters, ms=ms,
+        points_per_s=n_points / (ms / 1e3),
     )
+
+
+def default_backends(device: str) -> list[str]:
+    """The backends worth timing on ``device``: torch, and on CUDA the fast paths that import."""
+    backends = ["torch"]
+    if device.startswith("cuda"):
+        backends.append("compiled")
+        if triton_importable():
+            backends.append("triton")
+        if tcnn_available():
+            backends.append("tcnn")
+    return backends
 
 
 def main() -> None:
@@ -91,17 +111,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--backends", nargs="*", default=None,
-                        help="default: torch, compiled (CUDA) and tcnn (if importable)")
+                        help="default: torch, and on CUDA compiled, triton and tcnn (the last two if importable)")
+    parser.add_argument("--points-grad", action="store_true", help="also the gradient w.r.t. the points")
     args = parser.parse_args()
-    backends = args.backends
-    if backends is None:
-        backends = ["torch"]
-        if args.device.startswith("cuda"):
-            backends.append("compiled")
-            if tcnn_available():
-                backends.append("tcnn")
+    backends = args.backends if args.backends is not None else default_backends(args.device)
     for backend in backends:
-        print(benchmark_hashgrid(args.n_points, args.device, backend, args.iters))
+        print(benchmark_hashgrid(args.n_points, args.device, backend, args.iters, points_grad=args.points_grad))
 
 
 if __name__ == "__main__":

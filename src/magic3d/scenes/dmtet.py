@@ -145,7 +145,7 @@ class DMTetScene(SceneModule):
         base_resolution: int = 16,
         per_level_scale: float = 1.4473,
         hidden_dim: int = 64,
-        grid_backend: Literal["auto", "torch", "compiled", "tcnn"] = "auto",
+        grid_backend: Literal["auto", "torch", "compiled", "triton", "tcnn"] = "auto",
         background: nn.Module | None = None,
         raster_backend: Literal["auto", "torch", "nvdiffrast"] = "auto",
     ) -> None:

@@ -136,7 +136,7 @@ class HashGridNeRF(SceneModule):
         base_resolution: int = 16,
         per_level_scale: float = 1.4473,
         interpolation: Literal["linear", "smoothstep"] = "linear",
-        grid_backend: Literal["auto", "torch", "compiled", "tcnn"] = "auto",
+        grid_backend: Literal["auto", "torch", "compiled", "triton", "tcnn"] = "auto",
         hidden_dim: int = 64,
         density_activation: DensityActivation = "softplus",
         density_bias: Literal["blob", "none"] = "blob",
@@ -214,8 +214,8 @@ class HashGridNeRF(SceneModule):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Density, albedo and hash features at world-space points.
 
-        ``twice_differentiable`` routes the encoding through the torch backend: the compiled
-        and tiny-cuda-nn paths do not support double backward, which analytic normals need.
+        ``twice_differentiable`` routes the encoding through the torch backend: the compiled,
+        triton and tiny-cuda-nn paths do not support double backward, which analytic normals need.
         """
         unit = ((points / self.radius + 1.0) * 0.5).clamp(0.0, 1.0)
         if twice_differentiable and self.encoding.resolve_backend(unit.device) != "torch":
