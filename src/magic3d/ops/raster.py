@@ -194,11 +194,23 @@ def rasterize(
     return Rasterized(uv=uv, depth=depth, face_id=face_id)
 
 
-def _fill_zbuffer(
-    pos: Tensor, faces: Tensor, h: int, w: int, zbuf: Tensor, chunk_pairs: int
-) -> None:
+@dataclass
+class _FaceSetup:
+    """Per-(batch, face) data of the faces whose bounding box holds a pixel centre.
+
+    Computed once by ``_face_setup``; both z-buffer backends (the torch twin and the Triton
+    kernel) read exactly these tensors, so they can differ only in the per-pixel stage.
+    """
+
+    data: Float[Tensor, "N 12"]  # oriented edge coefficients c_ij (row-major), then z_i / |det|
+    ints: Int[Tensor, "N 5"]  # box x0, box y0, box width nx, batch index, face id (int64)
+    counts: Int[Tensor, "N"]  # nx * ny >= 1 pixel centres in the box
+
+
+def _face_setup(pos: Tensor, faces: Tensor, h: int, w: int) -> _FaceSetup | None:
+    """Edge functions, depth coefficients and pixel boxes of every face that may cover a pixel
+    centre (None when none does)."""
     b, n_faces = pos.shape[0], faces.shape[0]
-    device, dtype = pos.device, pos.dtype
     tri = pos[:, faces]  # (B, F, 3, 4)
     tri = tri.reshape(b * n_faces, 3, 4)
     x, y, z, wc = tri.unbind(-1)
@@ -232,16 +244,41 @@ def _fill_zbuffer(
 
     active = torch.nonzero(counts > 0).squeeze(1)
     if active.numel() == 0:
-        return
-    counts = counts[active]
+        return None
     # Orient edge functions so that inside means all >= 0, and fold 1/|det| into depth.
     sign = torch.sign(det[active])[:, None, None]
-    face_data = torch.cat(
+    data = torch.cat(
         [(coeff[active] * sign).reshape(-1, 9), z[active] / det[active].abs()[:, None]], dim=-1
     )
-    face_int = torch.stack(
+    ints = torch.stack(
         [x0[active], y0[active], nx[active], active // n_faces, active % n_faces], dim=-1
     )
+    return _FaceSetup(data=data.contiguous(), ints=ints, counts=counts[active])
+
+
+def _fill_zbuffer(
+    pos: Tensor, faces: Tensor, h: int, w: int, zbuf: Tensor, chunk_pairs: int,
+    backend: Literal["torch", "triton"] = "torch",
+) -> None:
+    setup = _face_setup(pos, faces, h, w)
+    if setup is None:
+        return
+    xs_ndc, ys_ndc = _pixel_ndc(h, w, pos.device, pos.dtype)
+    if backend == "triton":
+        from magic3d.ops.raster_triton import fill_zbuffer
+
+        fill_zbuffer(zbuf, setup.data, setup.ints, setup.counts, xs_ndc, ys_ndc, h, w)
+    else:
+        _fill_zbuffer_torch(setup, xs_ndc, ys_ndc, h, w, zbuf, chunk_pairs)
+
+
+def _fill_zbuffer_torch(
+    setup: _FaceSetup, xs_ndc: Tensor, ys_ndc: Tensor, h: int, w: int, zbuf: Tensor,
+    chunk_pairs: int,
+) -> None:
+    """The readable twin (and oracle) of ``raster_triton.fill_zbuffer``: every candidate
+    (face, pixel) pair materialised, in memory-bounded chunks."""
+    face_data, face_int, counts = setup.data, setup.ints, setup.counts
     ends = torch.cumsum(counts, 0)
     starts = ends - counts
 
@@ -249,13 +286,12 @@ def _fill_zbuffer(
     # has at most P + (largest box) <= 2P pairs; one host sync for all boundaries.
     total = int(ends[-1])
     n_chunks = -(-total // chunk_pairs)
-    marks = torch.arange(1, n_chunks + 1, device=device, dtype=torch.int64) * chunk_pairs
+    marks = torch.arange(1, n_chunks + 1, device=counts.device, dtype=torch.int64) * chunk_pairs
     bounds = torch.searchsorted(ends, marks, right=True).tolist()
-    xs_ndc, ys_ndc = _pixel_ndc(h, w, device, dtype)
 
     lo = 0
     for hi in bounds:
-        hi = min(max(hi, lo), active.numel())
+        hi = min(max(hi, lo), counts.numel())
         if hi == lo:
             continue
         _rasterize_chunk(
@@ -263,7 +299,7 @@ def _fill_zbuffer(
             xs_ndc, ys_ndc, h, w, zbuf,
         )
         lo = hi
-    if lo < active.numel():  # the last boundary is always the end; this is a safety net
+    if lo < counts.numel():  # the last boundary is always the end; this is a safety net
         _rasterize_chunk(
             face_data[lo:], face_int[lo:], counts[lo:], starts[lo:] - starts[lo],
             xs_ndc, ys_ndc, h, w, zbuf,
@@ -286,11 +322,15 @@ def _rasterize_chunk(
     data = face_data[owner]
     coeff = data[:, :9].view(-1, 3, 3)
     qx, qy = xs_ndc[px], ys_ndc[py]
-    # Same arithmetic for every face, so a shared edge gives exactly opposite values.
+    # Same arithmetic for every face, so a shared edge gives exactly opposite values. Every
+    # sum is written out left to right (no .sum(), whose order is the library's choice) and
+    # each product is rounded before the add: raster_triton repeats exactly these operations.
     edge = coeff[..., 0] * qx[:, None] + coeff[..., 1] * qy[:, None] + coeff[..., 2]
-    depth = (edge * data[:, 9:12]).sum(-1)
+    e0, e1, e2 = edge.unbind(-1)
+    dz = data[:, 9:12]
+    depth = e0 * dz[:, 0] + e1 * dz[:, 1] + e2 * dz[:, 2]
     inside = (
-        (edge >= 0).all(-1) & (edge.sum(-1) > 0) & (depth >= -1.0) & (depth <= 1.0)
+        (edge >= 0).all(-1) & (e0 + e1 + e2 > 0) & (depth >= -1.0) & (depth <= 1.0)
     )
     key = (_depth_key(depth.clamp(-1.0, 1.0)) << 32) | ints[:, 4]
     key = torch.where(inside, key, _EMPTY_KEY)
