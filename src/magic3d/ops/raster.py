@@ -1,7 +1,9 @@
 """Differentiable triangle rasteriser with nvdiffrast semantics, in pure torch (CPU and GPU).
 
 Three ops, as in nvdiffrast (``rasterize``, ``interpolate``, ``antialias``), plus a small
-``Rasterizer`` that can route them to nvdiffrast when it is installed and asked for.
+``Rasterizer`` that can route them to nvdiffrast when it is installed and asked for. The
+z-buffer fill, the slow part on a GPU, has a Triton fast path (``magic3d.ops.raster_triton``)
+that gives bit-identical face ids and depths; the torch code here is its readable twin.
 
 Conventions (and how they differ from nvdiffrast):
 
@@ -28,6 +30,8 @@ How it works (no Python loop over faces or pixels):
    (``repeat_interleave`` over box sizes), tested against the edge functions, and written
    into a per-pixel z-buffer by ``scatter_reduce(amin)`` of int64 keys
    ``(depth bits << 32) | face id``: the nearest fragment wins, ties go to the lower face id.
+   The Triton backend runs this step as one kernel (same arithmetic, ``atomic_min`` of the
+   same keys) without materialising the pairs; steps 1 and 3 are shared.
 3. For each covered pixel, barycentrics are recomputed differentiably from the winning
    face's clip positions.
 
@@ -49,8 +53,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-Backend = Literal["auto", "torch", "nvdiffrast"]
-_BACKENDS = ("auto", "torch", "nvdiffrast")
+from magic3d.ops import raster_triton  # imports no triton until a kernel is built
+
+Backend = Literal["auto", "torch", "triton", "nvdiffrast"]
+_BACKENDS = ("auto", "torch", "triton", "nvdiffrast")
+# Backends of the z-buffer fill alone (what ``rasterize`` takes).
+ZBufferBackend = Literal["auto", "torch", "triton"]
+_ZBUFFER_BACKENDS = ("auto", "torch", "triton")
+# The Triton kernel repeats the twin's arithmetic in the input dtype; half precision is left to
+# the twin (Triton's half arithmetic is not promised to round like torch's).
+_TRITON_DTYPES = (torch.float32, torch.float64)
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 _FACE_MASK = 0xFFFFFFFF
 # nvdiffrast's antialias accepts an edge crossing up to 1/16 pixel outside the segment
@@ -172,23 +184,31 @@ def rasterize(
     faces: Int[Tensor, "F 3"],
     resolution: tuple[int, int],
     chunk_pairs: int | None = None,
+    backend: ZBufferBackend = "auto",
 ) -> Rasterized:
     """Rasterise triangles at pixel centres (see the module docstring for conventions).
 
-    ``chunk_pairs`` bounds how many candidate (face, pixel) pairs are tested at once (memory);
-    it never changes the result.
+    ``backend`` runs the z-buffer fill: "torch" (this file, any device), "triton" (one kernel;
+    CUDA tensors, or CPU ones under Triton's interpreter ``TRITON_INTERPRET=1``, float32 or
+    float64) or "auto" (triton for float32/float64 CUDA inputs when triton imports, torch
+    otherwise). Both give the same face ids and depths bit for bit, and the barycentrics and
+    their gradients are computed by the same torch code afterwards.
+
+    ``chunk_pairs`` bounds how many candidate (face, pixel) pairs the torch backend tests at
+    once (memory); it never changes the result.
     """
     pos = _batched_positions(clip_pos)
     h, w = _check_resolution(resolution)
     faces = _check_faces(faces, pos.shape[1])
     b, n_faces = pos.shape[0], faces.shape[0]
     device = pos.device
+    zbuffer_backend = _zbuffer_backend(backend, device, pos.dtype)
     chunk_pairs = max(int(chunk_pairs or _default_chunk_pairs(device)), h * w)
 
     zbuf = torch.full((b * h * w,), _EMPTY_KEY, dtype=torch.int64, device=device)
     if n_faces > 0:
         with torch.no_grad():
-            _fill_zbuffer(pos.detach(), faces, h, w, zbuf, chunk_pairs)
+            _fill_zbuffer(pos.detach(), faces, h, w, zbuf, chunk_pairs, zbuffer_backend)
     face_id = torch.where(zbuf == _EMPTY_KEY, -1, zbuf & _FACE_MASK).view(b, h, w)
     uv, depth = _barycentrics(pos, faces, face_id, h, w)
     return Rasterized(uv=uv, depth=depth, face_id=face_id)
@@ -256,6 +276,29 @@ def _face_setup(pos: Tensor, faces: Tensor, h: int, w: int) -> _FaceSetup | None
     return _FaceSetup(data=data.contiguous(), ints=ints, counts=counts[active])
 
 
+def _zbuffer_backend(
+    backend: str, device: torch.device, dtype: torch.dtype
+) -> Literal["torch", "triton"]:
+    """The z-buffer fill that runs for ``backend`` on ``device``, or a one-line error."""
+    if backend not in _ZBUFFER_BACKENDS:
+        hint = (" (nvdiffrast runs through Rasterizer(backend='nvdiffrast'))"
+                if backend == "nvdiffrast" else "")
+        raise ValueError(f"rasterize backend={backend!r}: use one of {_ZBUFFER_BACKENDS}{hint}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        fast = device.type == "cuda" and dtype in _TRITON_DTYPES and raster_triton.triton_available()
+        return "triton" if fast else "torch"
+    raster_triton.require_triton()
+    if device.type != "cuda" and not raster_triton.interpreter_enabled():
+        raise ValueError(f"backend='triton' needs CUDA tensors, got {device}; use backend='torch' "
+                         "or 'auto' (or set TRITON_INTERPRET=1 for Triton's slow CPU interpreter)")
+    if dtype not in _TRITON_DTYPES:
+        raise ValueError(f"backend='triton' takes float32 or float64 clip positions, got {dtype}; "
+                         "use backend='torch'")
+    return "triton"
+
+
 def _fill_zbuffer(
     pos: Tensor, faces: Tensor, h: int, w: int, zbuf: Tensor, chunk_pairs: int,
     backend: Literal["torch", "triton"] = "torch",
@@ -265,9 +308,7 @@ def _fill_zbuffer(
         return
     xs_ndc, ys_ndc = _pixel_ndc(h, w, pos.device, pos.dtype)
     if backend == "triton":
-        from magic3d.ops.raster_triton import fill_zbuffer
-
-        fill_zbuffer(zbuf, setup.data, setup.ints, setup.counts, xs_ndc, ys_ndc, h, w)
+        raster_triton.fill_zbuffer(zbuf, setup.data, setup.ints, setup.counts, xs_ndc, ys_ndc, h, w)
     else:
         _fill_zbuffer_torch(setup, xs_ndc, ys_ndc, h, w, zbuf, chunk_pairs)
 
@@ -562,9 +603,20 @@ def _pair_blend(
 class Rasterizer:
     """The three ops behind one backend switch.
 
-    backend: "torch" (this file, any device), "nvdiffrast" (NVIDIA's CUDA rasteriser; must be
-    installed, CUDA inputs only) or "auto" (nvdiffrast for CUDA inputs when it is importable,
-    torch otherwise). Outputs follow this module's conventions whichever backend runs.
+    backend:
+
+    - "torch": this file, any device.
+    - "triton": the z-buffer fill as a Triton kernel (``rasterize(backend="triton")``: CUDA
+      inputs, or CPU ones under ``TRITON_INTERPRET=1``); interpolate and antialias in torch.
+    - "nvdiffrast": NVIDIA's CUDA rasteriser for all three ops (must be installed, CUDA inputs
+      only; top-left fill rule, see the module docstring).
+    - "auto", for CUDA inputs, in this order: nvdiffrast when it is importable (an optional
+      extra, so installing it opts in, as before the Triton path existed), else triton when it
+      is importable (it ships with CUDA builds of torch) and the positions are float32 or
+      float64, else torch. CPU inputs always take torch.
+
+    Outputs follow this module's conventions whichever backend runs; torch and triton give the
+    same face ids bit for bit, hence the same outputs and gradients.
     """
 
     def __init__(self, backend: Backend = "auto", chunk_pairs: int = 0) -> None:
@@ -572,6 +624,8 @@ class Rasterizer:
             raise ValueError(f"backend={backend!r}: use one of {_BACKENDS}")
         if backend == "nvdiffrast" and _import_nvdiffrast() is None:
             raise ImportError(_NVDIFFRAST_HINT)
+        if backend == "triton":
+            raster_triton.require_triton()
         self.backend = backend
         self.chunk_pairs = chunk_pairs
         self._context: Any = None
@@ -587,7 +641,7 @@ class Rasterizer:
         return cached[2]
 
     def _use_nvdiffrast(self, device: torch.device) -> bool:
-        if self.backend == "torch":
+        if self.backend in ("torch", "triton"):
             return False
         if self.backend == "nvdiffrast":
             if device.type != "cuda":
@@ -601,7 +655,8 @@ class Rasterizer:
         resolution: tuple[int, int],
     ) -> Rasterized:
         if not self._use_nvdiffrast(clip_pos.device):
-            return rasterize(clip_pos, faces, resolution, self.chunk_pairs or None)
+            zbuffer = self.backend if self.backend in ("torch", "triton") else "auto"
+            return rasterize(clip_pos, faces, resolution, self.chunk_pairs or None, zbuffer)
         dr = _import_nvdiffrast()
         if self._context is None:
             self._context = dr.RasterizeCudaContext(device=clip_pos.device)
