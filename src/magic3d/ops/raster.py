@@ -718,27 +718,66 @@ def _uv_sphere(n_faces: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return verts, faces
 
 
+@dataclass
+class RasterTiming:
+    """One backend's forward + backward time in ``benchmark_raster``."""
+
+    backend: str
+    ms_forward_backward: float  # nan when it failed
+    n_faces: int
+    resolution: int
+    batch: int
+    error: str = ""  # e.g. "not importable", or the exception's first line
+
+
 def benchmark_raster(
     n_faces: int = 100_000,
     resolution: int = 512,
     batch: int = 8,
     device: str | torch.device = "cuda",
-    backend: Backend = "torch",
+    backends: tuple[Backend, ...] | None = None,
     repeats: int = 10,
-) -> dict[str, float]:
-    """Forward + backward time (ms) of rasterize + interpolate + antialias (colour and mask).
+) -> list[RasterTiming]:
+    """Forward + backward time (ms) of rasterize + interpolate + antialias (colour and mask),
+    for each backend on the same scene.
 
     A UV sphere of ``n_faces`` triangles seen by ``batch`` orbit cameras; the loss reaches the
     vertex positions through uv and antialias. CUDA events on GPU, wall clock on CPU.
+    ``backends`` defaults to torch, then triton and nvdiffrast where they can run (CUDA and
+    importable); a backend that fails gets its error in its row, the others still run.
     """
     from magic3d.data.cameras import mvp, orbit_cameras
 
     device = torch.device(device)
+    if backends is None:
+        backends = ("torch",)
+        if device.type == "cuda" and raster_triton.triton_available():
+            backends += ("triton",)
+        if device.type == "cuda" and _import_nvdiffrast() is not None:
+            backends += ("nvdiffrast",)
     verts, faces = _uv_sphere(n_faces, device)
     cams = orbit_cameras(batch, 20.0, 1.6, 45.0, resolution, resolution).to(device)
     matrices = mvp(cams)
     colours = torch.rand(verts.shape[0], 3, device=device)
-    raster = Rasterizer(backend)
+    rows = []
+    for backend in backends:
+        try:
+            ms = _time_raster(Rasterizer(backend), verts, faces, matrices, colours, resolution,
+                              repeats)
+            error = ""
+        except Exception as exc:  # noqa: BLE001 - one failing backend must not lose the others
+            ms, error = math.nan, f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+        rows.append(RasterTiming(backend=backend, ms_forward_backward=ms,
+                                 n_faces=int(faces.shape[0]), resolution=resolution, batch=batch,
+                                 error=error))
+    return rows
+
+
+def _time_raster(
+    raster: Rasterizer, verts: Tensor, faces: Tensor, matrices: Tensor, colours: Tensor,
+    resolution: int, repeats: int,
+) -> float:
+    device = verts.device
 
     def step() -> None:
         v = verts.clone().requires_grad_(True)
@@ -750,7 +789,7 @@ def benchmark_raster(
         mask = raster.antialias(rast.mask, rast, clip, faces)
         (rgb.sum() + mask.sum()).backward()
 
-    for _ in range(2):
+    for _ in range(2):  # warm-up (the first Triton call compiles its kernel)
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -760,11 +799,8 @@ def benchmark_raster(
             step()
         end.record()
         torch.cuda.synchronize(device)
-        ms = start.elapsed_time(end) / repeats
-    else:
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        ms = (time.perf_counter() - t0) * 1000.0 / repeats
-    return {"ms_forward_backward": ms, "n_faces": float(faces.shape[0]),
-            "resolution": float(resolution), "batch": float(batch)}
+        return start.elapsed_time(end) / repeats
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - t0) * 1000.0 / repeats
