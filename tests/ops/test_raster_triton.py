@@ -156,6 +156,25 @@ def test_rasterize_outputs_are_identical(interpret: None) -> None:
     assert torch.equal(fast.depth, ref.depth) and torch.equal(fast.uv, ref.uv)
 
 
+@needs_triton
+def test_the_cuda_build_has_no_fused_multiply_add(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The interpreter never fuses, so only the real compiler can show what the GPU runs:
+    # cross-compile for sm_90 (no GPU needed) with the launch options fill_zbuffer uses.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {"zbuf_ptr": "*i64", "data_ptr": "*fp32", "ints_ptr": "*i64", "counts_ptr": "*i64",
+                 "tile_face_ptr": "*i32", "tile_first_ptr": "*i64", "xs_ptr": "*fp32",
+                 "ys_ptr": "*fp32", "h": "i32", "w": "i32", "BLOCK": "constexpr"}
+    source = ASTSource(raster_triton._kernel(False), signature, constexprs={"BLOCK": raster_triton.BLOCK})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=raster_triton.LAUNCH_OPTIONS).asm["ptx"]
+    assert "atom.global" in ptx and ".min.s64" in ptx  # the z-buffer update is a 64-bit atomic min
+    assert ptx.count("mul.rn.f32") == 9  # 6 edge products + 3 depth products, none contracted
+    assert "fma" not in ptx
+
+
 # ----------------------------------------------------------------------------- errors, auto
 
 

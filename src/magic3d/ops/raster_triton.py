@@ -45,7 +45,8 @@ from torch import Tensor
 # Pixels per program. Most faces of a 100k-triangle mesh at 512^2 cover a box of a few pixels,
 # so a small tile wastes few lanes; 64 lanes fill two warps. Not tuned by measurement yet.
 BLOCK = 64
-NUM_WARPS = 2
+# Launch options; FMA contraction off keeps the keys bit-identical to the twin's (docstring).
+LAUNCH_OPTIONS = {"num_warps": 2, "enable_fp_fusion": False}
 _TRITON_HINT = (
     "backend='triton' needs the triton package (it ships with CUDA builds of torch; "
     "pip install triton) or use backend='torch'"
@@ -147,7 +148,7 @@ def fill_zbuffer(
     ys_ndc: Float[Tensor, "H"],
     h: int,
     w: int,
-    fp_fusion: bool = False,
+    fp_fusion: bool = LAUNCH_OPTIONS["enable_fp_fusion"],
 ) -> None:
     """Lower ``zbuf`` (int64, B*H*W keys) in place with every covered pixel of every face.
 
@@ -174,5 +175,5 @@ def fill_zbuffer(
     _kernel(interpreter_enabled())[(n_tiles,)](
         zbuf, data.contiguous(), ints.contiguous(), counts.contiguous(), tile_face, tile_first,
         xs_ndc.contiguous(), ys_ndc.contiguous(), h, w,
-        BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=fp_fusion,
+        BLOCK=BLOCK, num_warps=LAUNCH_OPTIONS["num_warps"], enable_fp_fusion=fp_fusion,
     )
