@@ -281,10 +281,12 @@ def test_cuda_gradients_match_between_torch_and_triton() -> None:
     ids_ref, rgb_ref, grad_ref = run("torch")
     ids, rgb, grad = run("triton")
     assert torch.equal(ids, ids_ref)
-    # Same face ids, so the same torch ops run on the same values: the forward is identical.
-    assert torch.equal(rgb, rgb_ref)
-    # The backward's index_put / index_add accumulate per vertex with CUDA atomics, whose order
-    # varies from run to run: float32 sums of tens of terms may differ by a few ulps of the
-    # largest gradient (seen even with one backend run twice).
+    # Same face ids, so the same torch ops run on the same values; only the order differs in
+    # which antialias's index_add (CUDA atomics) adds up to 4 blends into one pixel: float32
+    # sums of O(1) terms, a few ulps of 1.
+    torch.testing.assert_close(rgb, rgb_ref, rtol=0, atol=1e-6)
+    # The backward accumulates each vertex's gradient from ~100 pixel terms with CUDA atomics,
+    # in an order that varies from run to run (one backend run twice differs too): up to ~100
+    # ulps of the terms, about 1e-5 of the largest gradient; 1e-4 leaves a 10x margin.
     scale = float(grad_ref.abs().max())
-    torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-5 * scale)
+    torch.testing.assert_close(grad, grad_ref, rtol=1e-4, atol=1e-4 * scale)
