@@ -207,7 +207,10 @@ def fine_iteration(batch_sizes=(1, 8, 32), iters: int = 5, warmup: int = 2,
 
 
 def fine_markdown(rows: list[FineTiming]) -> str:
-    lines = ["", "Fine iteration at 512×512: DMTet (BCC n=51 tet grid, sphere init) through the torch "
+    from magic3d.ops.raster import Rasterizer
+
+    raster = Rasterizer("auto").resolve_backend(torch.device("cuda"), torch.float32)
+    lines = ["", f"Fine iteration at 512×512: DMTet (BCC n=51 tet grid, sphere init) through the {raster} "
              "rasteriser + latent SDS with a random-weight SD-2.1-base-sized VAE and UNet (bf16).", "",
              *_iteration_table(rows, "faces", lambda r: f"{r.faces}")]
     return "\n".join(lines) + "\n"

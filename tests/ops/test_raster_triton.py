@@ -208,8 +208,18 @@ def test_auto_picks_triton_for_float_cuda_inputs_only(monkeypatch: pytest.Monkey
     assert _zbuffer_backend("auto", cuda, torch.float64) == "triton"
     assert _zbuffer_backend("auto", cuda, torch.float16) == "torch"  # half stays with the twin
     assert _zbuffer_backend("auto", cpu, torch.float32) == "torch"
+    if _nvdiffrast_absent():
+        assert Rasterizer("auto").resolve_backend(cuda) == "triton"  # nvdiffrast would come first
+    assert Rasterizer("auto").resolve_backend(cpu) == "torch"
+    assert Rasterizer("torch").resolve_backend(cuda) == "torch"
     with pytest.raises(ValueError, match="float32 or float64"):
         _zbuffer_backend("triton", cuda, torch.bfloat16)
+
+
+def _nvdiffrast_absent() -> bool:
+    from magic3d.ops.raster import _import_nvdiffrast
+
+    return _import_nvdiffrast() is None
 
 
 def test_the_module_imports_without_triton() -> None:

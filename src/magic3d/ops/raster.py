@@ -650,13 +650,25 @@ class Rasterizer:
             return True
         return device.type == "cuda" and _import_nvdiffrast() is not None
 
+    def resolve_backend(
+        self, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> Literal["torch", "triton", "nvdiffrast"]:
+        """The backend ``rasterize`` runs for positions on ``device`` of ``dtype`` (the
+        precedence in the class docstring), or the one-line error it would raise."""
+        if self._use_nvdiffrast(device):
+            return "nvdiffrast"
+        return _zbuffer_backend(self._zbuffer_choice(), device, dtype)
+
+    def _zbuffer_choice(self) -> ZBufferBackend:
+        return "torch" if self.backend == "torch" else "triton" if self.backend == "triton" else "auto"
+
     def rasterize(
         self, clip_pos: Float[Tensor, "B V 4"], faces: Int[Tensor, "F 3"],
         resolution: tuple[int, int],
     ) -> Rasterized:
         if not self._use_nvdiffrast(clip_pos.device):
-            zbuffer = self.backend if self.backend in ("torch", "triton") else "auto"
-            return rasterize(clip_pos, faces, resolution, self.chunk_pairs or None, zbuffer)
+            return rasterize(clip_pos, faces, resolution, self.chunk_pairs or None,
+                             self._zbuffer_choice())
         dr = _import_nvdiffrast()
         if self._context is None:
             self._context = dr.RasterizeCudaContext(device=clip_pos.device)
