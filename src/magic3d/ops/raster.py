@@ -616,7 +616,8 @@ class Rasterizer:
       float64, else torch. CPU inputs always take torch.
 
     Outputs follow this module's conventions whichever backend runs; torch and triton give the
-    same face ids bit for bit, hence the same outputs and gradients.
+    same face ids bit for bit, hence the same outputs and gradients (on CUDA up to the order of
+    the atomic adds in the torch ops that follow, which varies from run to run anyway).
     """
 
     def __init__(self, backend: Backend = "auto", chunk_pairs: int = 0) -> None:
@@ -739,7 +740,7 @@ class RasterTiming:
     n_faces: int
     resolution: int
     batch: int
-    error: str = ""  # e.g. "not importable", or the exception's first line
+    error: str = ""  # the exception's type and first line when it failed
 
 
 def benchmark_raster(

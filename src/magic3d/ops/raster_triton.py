@@ -26,7 +26,7 @@ and sum, rounded once) at 512^2, batch 8: on the 100k-face UV sphere of
 ``raster.benchmark_raster`` 13 of 1,038,744 covered pixels change face (none changes
 coverage: a shared edge's FMA values stay exact negatives, so meshes stay watertight) and
 62% of depth keys move by ulps; on 100k random faces 3 of 2,088,076 pixels change face. Small,
-but the project rule is that the twin is an exact oracle, and fusion saves three instructions.
+but the twin is meant as an exact oracle, and fusion would save only 6 of 19 float instructions.
 
 Triton is imported only when a kernel is first built: this module imports without it.
 """
