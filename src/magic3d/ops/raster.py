@@ -1,7 +1,9 @@
 """Differentiable triangle rasteriser with nvdiffrast semantics, in pure torch (CPU and GPU).
 
 Three ops, as in nvdiffrast (``rasterize``, ``interpolate``, ``antialias``), plus a small
-``Rasterizer`` that can route them to nvdiffrast when it is installed and asked for.
+``Rasterizer`` that can route them to nvdiffrast when it is installed and asked for. The
+z-buffer fill, the slow part on a GPU, has a Triton fast path (``magic3d.ops.raster_triton``)
+that gives bit-identical face ids and depths; the torch code here is its readable twin.
 
 Conventions (and how they differ from nvdiffrast):
 
@@ -28,6 +30,8 @@ How it works (no Python loop over faces or pixels):
    (``repeat_interleave`` over box sizes), tested against the edge functions, and written
    into a per-pixel z-buffer by ``scatter_reduce(amin)`` of int64 keys
    ``(depth bits << 32) | face id``: the nearest fragment wins, ties go to the lower face id.
+   The Triton backend runs this step as one kernel (same arithmetic, ``atomic_min`` of the
+   same keys) without materialising the pairs; steps 1 and 3 are shared.
 3. For each covered pixel, barycentrics are recomputed differentiably from the winning
    face's clip positions.
 
@@ -49,8 +53,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-Backend = Literal["auto", "torch", "nvdiffrast"]
-_BACKENDS = ("auto", "torch", "nvdiffrast")
+from magic3d.ops import raster_triton  # imports no triton until a kernel is built
+
+Backend = Literal["auto", "torch", "triton", "nvdiffrast"]
+_BACKENDS = ("auto", "torch", "triton", "nvdiffrast")
+# Backends of the z-buffer fill alone (what ``rasterize`` takes).
+ZBufferBackend = Literal["auto", "torch", "triton"]
+_ZBUFFER_BACKENDS = ("auto", "torch", "triton")
+# The Triton kernel repeats the twin's arithmetic in the input dtype; half precision is left to
+# the twin (Triton's half arithmetic is not promised to round like torch's).
+_TRITON_DTYPES = (torch.float32, torch.float64)
 _EMPTY_KEY = torch.iinfo(torch.int64).max
 _FACE_MASK = 0xFFFFFFFF
 # nvdiffrast's antialias accepts an edge crossing up to 1/16 pixel outside the segment
@@ -172,33 +184,53 @@ def rasterize(
     faces: Int[Tensor, "F 3"],
     resolution: tuple[int, int],
     chunk_pairs: int | None = None,
+    backend: ZBufferBackend = "auto",
 ) -> Rasterized:
     """Rasterise triangles at pixel centres (see the module docstring for conventions).
 
-    ``chunk_pairs`` bounds how many candidate (face, pixel) pairs are tested at once (memory);
-    it never changes the result.
+    ``backend`` runs the z-buffer fill: "torch" (this file, any device), "triton" (one kernel;
+    CUDA tensors, or CPU ones under Triton's interpreter ``TRITON_INTERPRET=1``, float32 or
+    float64) or "auto" (triton for float32/float64 CUDA inputs when triton imports, torch
+    otherwise). Both give the same face ids and depths bit for bit, and the barycentrics and
+    their gradients are computed by the same torch code afterwards.
+
+    ``chunk_pairs`` bounds how many candidate (face, pixel) pairs the torch backend tests at
+    once (memory); it never changes the result.
     """
     pos = _batched_positions(clip_pos)
     h, w = _check_resolution(resolution)
     faces = _check_faces(faces, pos.shape[1])
     b, n_faces = pos.shape[0], faces.shape[0]
     device = pos.device
+    zbuffer_backend = _zbuffer_backend(backend, device, pos.dtype)
     chunk_pairs = max(int(chunk_pairs or _default_chunk_pairs(device)), h * w)
 
     zbuf = torch.full((b * h * w,), _EMPTY_KEY, dtype=torch.int64, device=device)
     if n_faces > 0:
         with torch.no_grad():
-            _fill_zbuffer(pos.detach(), faces, h, w, zbuf, chunk_pairs)
+            _fill_zbuffer(pos.detach(), faces, h, w, zbuf, chunk_pairs, zbuffer_backend)
     face_id = torch.where(zbuf == _EMPTY_KEY, -1, zbuf & _FACE_MASK).view(b, h, w)
     uv, depth = _barycentrics(pos, faces, face_id, h, w)
     return Rasterized(uv=uv, depth=depth, face_id=face_id)
 
 
-def _fill_zbuffer(
-    pos: Tensor, faces: Tensor, h: int, w: int, zbuf: Tensor, chunk_pairs: int
-) -> None:
+@dataclass
+class _FaceSetup:
+    """Per-(batch, face) data of the faces whose bounding box holds a pixel centre.
+
+    Computed once by ``_face_setup``; both z-buffer backends (the torch twin and the Triton
+    kernel) read exactly these tensors, so they can differ only in the per-pixel stage.
+    """
+
+    data: Float[Tensor, "N 12"]  # oriented edge coefficients c_ij (row-major), then z_i / |det|
+    ints: Int[Tensor, "N 5"]  # box x0, box y0, box width nx, batch index, face id (int64)
+    counts: Int[Tensor, "N"]  # nx * ny >= 1 pixel centres in the box
+
+
+def _face_setup(pos: Tensor, faces: Tensor, h: int, w: int) -> _FaceSetup | None:
+    """Edge functions, depth coefficients and pixel boxes of every face that may cover a pixel
+    centre (None when none does)."""
     b, n_faces = pos.shape[0], faces.shape[0]
-    device, dtype = pos.device, pos.dtype
     tri = pos[:, faces]  # (B, F, 3, 4)
     tri = tri.reshape(b * n_faces, 3, 4)
     x, y, z, wc = tri.unbind(-1)
@@ -232,16 +264,62 @@ def _fill_zbuffer(
 
     active = torch.nonzero(counts > 0).squeeze(1)
     if active.numel() == 0:
-        return
-    counts = counts[active]
+        return None
     # Orient edge functions so that inside means all >= 0, and fold 1/|det| into depth.
     sign = torch.sign(det[active])[:, None, None]
-    face_data = torch.cat(
+    data = torch.cat(
         [(coeff[active] * sign).reshape(-1, 9), z[active] / det[active].abs()[:, None]], dim=-1
     )
-    face_int = torch.stack(
+    ints = torch.stack(
         [x0[active], y0[active], nx[active], active // n_faces, active % n_faces], dim=-1
     )
+    return _FaceSetup(data=data.contiguous(), ints=ints, counts=counts[active])
+
+
+def _zbuffer_backend(
+    backend: str, device: torch.device, dtype: torch.dtype
+) -> Literal["torch", "triton"]:
+    """The z-buffer fill that runs for ``backend`` on ``device``, or a one-line error."""
+    if backend not in _ZBUFFER_BACKENDS:
+        hint = (" (nvdiffrast runs through Rasterizer(backend='nvdiffrast'))"
+                if backend == "nvdiffrast" else "")
+        raise ValueError(f"rasterize backend={backend!r}: use one of {_ZBUFFER_BACKENDS}{hint}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        fast = device.type == "cuda" and dtype in _TRITON_DTYPES and raster_triton.triton_available()
+        return "triton" if fast else "torch"
+    raster_triton.require_triton()
+    if device.type != "cuda" and not raster_triton.interpreter_enabled():
+        raise ValueError(f"backend='triton' needs CUDA tensors, got {device}; use backend='torch' "
+                         "or 'auto' (or set TRITON_INTERPRET=1 for Triton's slow CPU interpreter)")
+    if dtype not in _TRITON_DTYPES:
+        raise ValueError(f"backend='triton' takes float32 or float64 clip positions, got {dtype}; "
+                         "use backend='torch'")
+    return "triton"
+
+
+def _fill_zbuffer(
+    pos: Tensor, faces: Tensor, h: int, w: int, zbuf: Tensor, chunk_pairs: int,
+    backend: Literal["torch", "triton"] = "torch",
+) -> None:
+    setup = _face_setup(pos, faces, h, w)
+    if setup is None:
+        return
+    xs_ndc, ys_ndc = _pixel_ndc(h, w, pos.device, pos.dtype)
+    if backend == "triton":
+        raster_triton.fill_zbuffer(zbuf, setup.data, setup.ints, setup.counts, xs_ndc, ys_ndc, h, w)
+    else:
+        _fill_zbuffer_torch(setup, xs_ndc, ys_ndc, h, w, zbuf, chunk_pairs)
+
+
+def _fill_zbuffer_torch(
+    setup: _FaceSetup, xs_ndc: Tensor, ys_ndc: Tensor, h: int, w: int, zbuf: Tensor,
+    chunk_pairs: int,
+) -> None:
+    """The readable twin (and oracle) of ``raster_triton.fill_zbuffer``: every candidate
+    (face, pixel) pair materialised, in memory-bounded chunks."""
+    face_data, face_int, counts = setup.data, setup.ints, setup.counts
     ends = torch.cumsum(counts, 0)
     starts = ends - counts
 
@@ -249,13 +327,12 @@ def _fill_zbuffer(
     # has at most P + (largest box) <= 2P pairs; one host sync for all boundaries.
     total = int(ends[-1])
     n_chunks = -(-total // chunk_pairs)
-    marks = torch.arange(1, n_chunks + 1, device=device, dtype=torch.int64) * chunk_pairs
+    marks = torch.arange(1, n_chunks + 1, device=counts.device, dtype=torch.int64) * chunk_pairs
     bounds = torch.searchsorted(ends, marks, right=True).tolist()
-    xs_ndc, ys_ndc = _pixel_ndc(h, w, device, dtype)
 
     lo = 0
     for hi in bounds:
-        hi = min(max(hi, lo), active.numel())
+        hi = min(max(hi, lo), counts.numel())
         if hi == lo:
             continue
         _rasterize_chunk(
@@ -263,7 +340,7 @@ def _fill_zbuffer(
             xs_ndc, ys_ndc, h, w, zbuf,
         )
         lo = hi
-    if lo < active.numel():  # the last boundary is always the end; this is a safety net
+    if lo < counts.numel():  # the last boundary is always the end; this is a safety net
         _rasterize_chunk(
             face_data[lo:], face_int[lo:], counts[lo:], starts[lo:] - starts[lo],
             xs_ndc, ys_ndc, h, w, zbuf,
@@ -286,11 +363,15 @@ def _rasterize_chunk(
     data = face_data[owner]
     coeff = data[:, :9].view(-1, 3, 3)
     qx, qy = xs_ndc[px], ys_ndc[py]
-    # Same arithmetic for every face, so a shared edge gives exactly opposite values.
+    # Same arithmetic for every face, so a shared edge gives exactly opposite values. Every
+    # sum is written out left to right (no .sum(), whose order is the library's choice) and
+    # each product is rounded before the add: raster_triton repeats exactly these operations.
     edge = coeff[..., 0] * qx[:, None] + coeff[..., 1] * qy[:, None] + coeff[..., 2]
-    depth = (edge * data[:, 9:12]).sum(-1)
+    e0, e1, e2 = edge.unbind(-1)
+    dz = data[:, 9:12]
+    depth = e0 * dz[:, 0] + e1 * dz[:, 1] + e2 * dz[:, 2]
     inside = (
-        (edge >= 0).all(-1) & (edge.sum(-1) > 0) & (depth >= -1.0) & (depth <= 1.0)
+        (edge >= 0).all(-1) & (e0 + e1 + e2 > 0) & (depth >= -1.0) & (depth <= 1.0)
     )
     key = (_depth_key(depth.clamp(-1.0, 1.0)) << 32) | ints[:, 4]
     key = torch.where(inside, key, _EMPTY_KEY)
@@ -522,9 +603,21 @@ def _pair_blend(
 class Rasterizer:
     """The three ops behind one backend switch.
 
-    backend: "torch" (this file, any device), "nvdiffrast" (NVIDIA's CUDA rasteriser; must be
-    installed, CUDA inputs only) or "auto" (nvdiffrast for CUDA inputs when it is importable,
-    torch otherwise). Outputs follow this module's conventions whichever backend runs.
+    backend:
+
+    - "torch": this file, any device.
+    - "triton": the z-buffer fill as a Triton kernel (``rasterize(backend="triton")``: CUDA
+      inputs, or CPU ones under ``TRITON_INTERPRET=1``); interpolate and antialias in torch.
+    - "nvdiffrast": NVIDIA's CUDA rasteriser for all three ops (must be installed, CUDA inputs
+      only; top-left fill rule, see the module docstring).
+    - "auto", for CUDA inputs, in this order: nvdiffrast when it is importable (an optional
+      extra, so installing it opts in, as before the Triton path existed), else triton when it
+      is importable (it ships with CUDA builds of torch) and the positions are float32 or
+      float64, else torch. CPU inputs always take torch.
+
+    Outputs follow this module's conventions whichever backend runs; torch and triton give the
+    same face ids bit for bit, hence the same outputs and gradients (on CUDA up to the order of
+    the atomic adds in the torch ops that follow, which varies from run to run anyway).
     """
 
     def __init__(self, backend: Backend = "auto", chunk_pairs: int = 0) -> None:
@@ -532,6 +625,8 @@ class Rasterizer:
             raise ValueError(f"backend={backend!r}: use one of {_BACKENDS}")
         if backend == "nvdiffrast" and _import_nvdiffrast() is None:
             raise ImportError(_NVDIFFRAST_HINT)
+        if backend == "triton":
+            raster_triton.require_triton()
         self.backend = backend
         self.chunk_pairs = chunk_pairs
         self._context: Any = None
@@ -547,7 +642,7 @@ class Rasterizer:
         return cached[2]
 
     def _use_nvdiffrast(self, device: torch.device) -> bool:
-        if self.backend == "torch":
+        if self.backend in ("torch", "triton"):
             return False
         if self.backend == "nvdiffrast":
             if device.type != "cuda":
@@ -556,12 +651,25 @@ class Rasterizer:
             return True
         return device.type == "cuda" and _import_nvdiffrast() is not None
 
+    def resolve_backend(
+        self, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> Literal["torch", "triton", "nvdiffrast"]:
+        """The backend ``rasterize`` runs for positions on ``device`` of ``dtype`` (the
+        precedence in the class docstring), or the one-line error it would raise."""
+        if self._use_nvdiffrast(device):
+            return "nvdiffrast"
+        return _zbuffer_backend(self._zbuffer_choice(), device, dtype)
+
+    def _zbuffer_choice(self) -> ZBufferBackend:
+        return "torch" if self.backend == "torch" else "triton" if self.backend == "triton" else "auto"
+
     def rasterize(
         self, clip_pos: Float[Tensor, "B V 4"], faces: Int[Tensor, "F 3"],
         resolution: tuple[int, int],
     ) -> Rasterized:
         if not self._use_nvdiffrast(clip_pos.device):
-            return rasterize(clip_pos, faces, resolution, self.chunk_pairs or None)
+            return rasterize(clip_pos, faces, resolution, self.chunk_pairs or None,
+                             self._zbuffer_choice())
         dr = _import_nvdiffrast()
         if self._context is None:
             self._context = dr.RasterizeCudaContext(device=clip_pos.device)
@@ -623,27 +731,66 @@ def _uv_sphere(n_faces: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return verts, faces
 
 
+@dataclass
+class RasterTiming:
+    """One backend's forward + backward time in ``benchmark_raster``."""
+
+    backend: str
+    ms_forward_backward: float  # nan when it failed
+    n_faces: int
+    resolution: int
+    batch: int
+    error: str = ""  # the exception's type and first line when it failed
+
+
 def benchmark_raster(
     n_faces: int = 100_000,
     resolution: int = 512,
     batch: int = 8,
     device: str | torch.device = "cuda",
-    backend: Backend = "torch",
+    backends: tuple[Backend, ...] | None = None,
     repeats: int = 10,
-) -> dict[str, float]:
-    """Forward + backward time (ms) of rasterize + interpolate + antialias (colour and mask).
+) -> list[RasterTiming]:
+    """Forward + backward time (ms) of rasterize + interpolate + antialias (colour and mask),
+    for each backend on the same scene.
 
     A UV sphere of ``n_faces`` triangles seen by ``batch`` orbit cameras; the loss reaches the
     vertex positions through uv and antialias. CUDA events on GPU, wall clock on CPU.
+    ``backends`` defaults to torch, then triton and nvdiffrast where they can run (CUDA and
+    importable); a backend that fails gets its error in its row, the others still run.
     """
     from magic3d.data.cameras import mvp, orbit_cameras
 
     device = torch.device(device)
+    if backends is None:
+        backends = ("torch",)
+        if device.type == "cuda" and raster_triton.triton_available():
+            backends += ("triton",)
+        if device.type == "cuda" and _import_nvdiffrast() is not None:
+            backends += ("nvdiffrast",)
     verts, faces = _uv_sphere(n_faces, device)
     cams = orbit_cameras(batch, 20.0, 1.6, 45.0, resolution, resolution).to(device)
     matrices = mvp(cams)
     colours = torch.rand(verts.shape[0], 3, device=device)
-    raster = Rasterizer(backend)
+    rows = []
+    for backend in backends:
+        try:
+            ms = _time_raster(Rasterizer(backend), verts, faces, matrices, colours, resolution,
+                              repeats)
+            error = ""
+        except Exception as exc:  # noqa: BLE001 - one failing backend must not lose the others
+            ms, error = math.nan, f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
+        rows.append(RasterTiming(backend=backend, ms_forward_backward=ms,
+                                 n_faces=int(faces.shape[0]), resolution=resolution, batch=batch,
+                                 error=error))
+    return rows
+
+
+def _time_raster(
+    raster: Rasterizer, verts: Tensor, faces: Tensor, matrices: Tensor, colours: Tensor,
+    resolution: int, repeats: int,
+) -> float:
+    device = verts.device
 
     def step() -> None:
         v = verts.clone().requires_grad_(True)
@@ -655,7 +802,7 @@ def benchmark_raster(
         mask = raster.antialias(rast.mask, rast, clip, faces)
         (rgb.sum() + mask.sum()).backward()
 
-    for _ in range(2):
+    for _ in range(2):  # warm-up (the first Triton call compiles its kernel)
         step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -665,11 +812,8 @@ def benchmark_raster(
             step()
         end.record()
         torch.cuda.synchronize(device)
-        ms = start.elapsed_time(end) / repeats
-    else:
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        ms = (time.perf_counter() - t0) * 1000.0 / repeats
-    return {"ms_forward_backward": ms, "n_faces": float(faces.shape[0]),
-            "resolution": float(resolution), "batch": float(batch)}
+        return start.elapsed_time(end) / repeats
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - t0) * 1000.0 / repeats

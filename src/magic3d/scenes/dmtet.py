@@ -123,7 +123,8 @@ class DMTetScene(SceneModule):
     ``[-bbox_radius, bbox_radius]^3`` until a converter tightens it. ``deformation_scale`` is
     the largest vertex offset as a fraction of the grid spacing. The texture arguments mirror
     :class:`~magic3d.ops.hashgrid.HashGrid`. ``raster_backend``: "torch" (any device),
-    "nvdiffrast" (CUDA, when installed) or "auto". ``background`` defaults to a fresh
+    "triton" (the z-buffer fill as a Triton kernel, CUDA), "nvdiffrast" (CUDA, when installed)
+    or "auto" (nvdiffrast, else triton, else torch: :class:`~magic3d.ops.raster.Rasterizer`). ``background`` defaults to a fresh
     :class:`EnvironmentMapBackground`.
 
     The regularisers are exposed as :meth:`normal_consistency` / :meth:`laplacian_smoothness`
@@ -147,7 +148,7 @@ class DMTetScene(SceneModule):
         hidden_dim: int = 64,
         grid_backend: Literal["auto", "torch", "compiled", "triton", "tcnn"] = "auto",
         background: nn.Module | None = None,
-        raster_backend: Literal["auto", "torch", "nvdiffrast"] = "auto",
+        raster_backend: Literal["auto", "torch", "triton", "nvdiffrast"] = "auto",
     ) -> None:
         super().__init__()
         if bbox_radius <= 0:
