@@ -37,15 +37,17 @@ def _offline_and_isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         pass
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
-    """Run ``python -m magic3d ...`` as a user would; returns the CompletedProcess."""
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None):
+    """Run ``python -m magic3d ...`` as a user would; returns the CompletedProcess. ``env`` entries
+    are added to this process's environment; one whose value is None is removed from it."""
     import subprocess
     import sys
 
     full_env = dict(os.environ)
     full_env.update(env or {})
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "magic3d", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+                          env=full_env, timeout=timeout, cwd=cwd)
 
 
 def run_main(capfd: pytest.CaptureFixture[str], *args: str):
@@ -74,18 +76,34 @@ SMOKE_OVERRIDES = (
 )
 
 
+@dataclass
+class SmokeRun:
+    folder: Path  # the run folder
+    output: list[str]  # what the command printed (stdout, then stderr), line by line
+
+
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Path) -> Path:
-    """One finished CPU run of the coarse recipe (tiny random prior), shared by several tests."""
+def smoke_cli(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Path) -> SmokeRun:
+    """One finished CPU run of the coarse recipe (tiny random prior) through the command line,
+    with W&B offline as a user gets it: no WANDB_* variable set (the suite's WANDB_MODE=disabled
+    removed, no WANDB_SILENT), so that test_quiet can check its output for library banners; only
+    wandb's own folders are moved into the test's. Shared by several tests."""
     root = tmp_path_factory.mktemp("runs")
     run_dir = root / "smoke"
-    cache = tmp_path_factory.mktemp("embedding_cache")
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("WANDB_")}
+    env.update(MAGIC3D_CACHE=str(tmp_path_factory.mktemp("embedding_cache")), HF_HUB_OFFLINE="1",
+               **{key: str(root / key.lower()) for key in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")})
     result = run_cli("run", "coarse_only", "--prompt", "a red cube", "--run", str(run_dir),
                      f"model.guidance.pretrained={tiny_pixel_pipeline}", "run.wandb=offline",
-                     *SMOKE_OVERRIDES,
-                     env={"WANDB_MODE": "offline", "MAGIC3D_CACHE": str(cache), "WANDB_SILENT": "true"})
+                     *SMOKE_OVERRIDES, env=env, cwd=root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir
+    return SmokeRun(run_dir, (result.stdout + result.stderr).splitlines())
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_cli: SmokeRun) -> Path:
+    """The smoke run's folder."""
+    return smoke_cli.folder
 
 
 @pytest.fixture(scope="session")
