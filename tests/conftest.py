@@ -25,6 +25,15 @@ def tiny_pixel_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_pixel_pipeline(tmp_path_factory.mktemp("tiny_if"), "tiny", seed=0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache_for_shared_fixtures(tmp_path_factory: pytest.TempPathFactory):
+    """Session and module fixtures are set up before the per-test cache below is in place: they
+    get a cache of the session's own, not the user's ~/.cache/magic3d."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MAGIC3D_CACHE", str(tmp_path_factory.mktemp("session_cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _offline_and_isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach the network or write to the user's ~/.cache."""
@@ -64,6 +73,41 @@ def run_main(capfd: pytest.CaptureFixture[str], *args: str):
     code = main(list(args))
     out, err = capfd.readouterr()
     return subprocess.CompletedProcess(["magic3d", *args], code, out, err)
+
+
+def run_in_process(*args: str):
+    """:func:`run_main` for a module or session fixture, which cannot take ``capfd``: file
+    descriptors 1 and 2 (where the stage processes write) and ``sys.stdout``/``sys.stderr`` go
+    to files for the command's duration. For a fixture that needs a finished run of a recipe,
+    not the command line: the smoke run (and each command's error paths) keep that."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from magic3d.cli import main
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        saved_fds, saved_streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = (open(fd, "w", encoding="utf-8", errors="replace", buffering=1, closefd=False)
+                                  for fd in (1, 2))
+        try:
+            code = main(list(args))
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.stdout, sys.stderr = saved_streams
+            for fd, saved in zip((1, 2), saved_fds):
+                os.dup2(saved, fd)
+                os.close(saved)
+        text = []
+        for handle in (out, err):
+            handle.seek(0)
+            text.append(handle.read().decode("utf-8", errors="replace"))
+    return subprocess.CompletedProcess(["magic3d", *args], code, *text)
 
 
 SMOKE_OVERRIDES = (

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_main
 from magic3d.checkpoints import load_scene
 from magic3d.config import load_yaml
 from magic3d.scenes.hash_nerf import HashGridNeRF
@@ -23,9 +23,12 @@ FEW_STEPS = ("trainer.max_steps=3", "data.steps_per_epoch=3", "run.checkpoint_ev
 
 
 def test_coarse_to_fine_nerf_warm_starts_and_fine_tunes(tmp_path: Path, tiny_pixel_pipeline: Path,
-                                                        tiny_latent_pipeline: Path) -> None:
+                                                        tiny_latent_pipeline: Path,
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "nerf"
-    result = run_cli("run", "coarse_to_fine_nerf", "--prompt", "a red cube", "--run", str(run_dir),
+    # In-process (each stage is a process of its own): the recipe is under test; the smoke run
+    # (conftest) is the command line's.
+    result = run_main(capfd, "run", "coarse_to_fine_nerf", "--prompt", "a red cube", "--run", str(run_dir),
                      f"coarse:model.guidance.pretrained={tiny_pixel_pipeline}",
                      f"fine:model.guidance.pretrained={tiny_latent_pipeline}", *FEW_STEPS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, run_main
+from conftest import run_cli, run_in_process, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -17,20 +17,24 @@ FAST = ("trainer.max_steps=4", "data.steps_per_epoch=4", "run.checkpoint_every=2
 
 
 def coarse(run_dir: Path, pipeline: Path, *extra: str, prompt: str | None = "a blue torus",
-           capfd: pytest.CaptureFixture[str] | None = None):
-    """The coarse recipe through the command line; with ``capfd``, the same command in-process."""
+           capfd: pytest.CaptureFixture[str] | None = None, in_process: bool = False):
+    """The coarse recipe through the command line; with ``capfd`` or ``in_process``, the same
+    command in-process (its stage still a process of its own)."""
     args = ["run", "coarse_only", "--run", str(run_dir)]
     if prompt is not None:
         args += ["--prompt", prompt]
     args += [f"model.guidance.pretrained={pipeline}", *FAST, *extra]
-    return run_cli(*args) if capfd is None else run_main(capfd, *args)
+    if capfd is not None:
+        return run_main(capfd, *args)
+    return run_in_process(*args) if in_process else run_cli(*args)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Path) -> Path:
     """One finished coarse run (4 steps, checkpoints at 2 and 4); tests work on copies."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    result = coarse(run_dir, tiny_pixel_pipeline)
+    # In-process: the faults below are met through the command line; this run is their material.
+    result = coarse(run_dir, tiny_pixel_pipeline, in_process=True)
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir
 
