@@ -238,8 +238,25 @@ def tiny_ablation(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline:
             signal.raise_signal(signal.SIGINT)  # the ablation's handler turns it into a stop
         return run_dir
 
+    def stage_in_this_process(cmd: list[str], env: dict[str, str] | None = None):
+        """The recipe runner's ``python -m magic3d stage ...`` as ``magic3d.cli.main`` in this
+        process: the ablation runner is under test, not the stage as a process of its own (every
+        recipe test runs that); a fresh interpreter spent ~4 s of each stage importing Lightning."""
+        from magic3d.child_process import ChildResult
+        from magic3d.cli import main
+
+        assert cmd[1:4] == ["-m", "magic3d", "stage"] and env is None, cmd
+        try:
+            code = main(cmd[3:])
+        except SystemExit as stop:  # a stage that stopped (signal, unfinished) exits this way
+            code = stop.code if isinstance(stop.code, int) else 1
+        return ChildResult(code, None)
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MAGIC3D_CACHE", str(tmp_path_factory.mktemp("ablation_cache")))
+        patch.setattr("magic3d.recipe.run_child", stage_in_this_process)
+        for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # the stages' seed_everything sets them: not after
+            patch.setenv(key, "0")
         first = run_ablation(spec, root=root, classifier=random_classifier, device="cpu",
                              train=interrupt_after_second_run, n_resamples=500)
         folder = root / "tiny"
