@@ -110,6 +110,30 @@ def run_in_process(*args: str):
     return subprocess.CompletedProcess(["magic3d", *args], code, *text)
 
 
+def stages_in_this_process(patch: pytest.MonkeyPatch) -> None:
+    """Make the recipe runner run each stage (``python -m magic3d stage ...``) as
+    ``magic3d.cli.main`` in this process, until ``patch`` is undone. For tests of what a run
+    folder holds, not of the stage as a process of its own: a fresh interpreter spends ~4 s of
+    each stage importing Lightning. Each kind of stage still runs as a process in some test:
+    the coarse NeRF in the smoke run (conftest), the DMTet fine stage in test_coarse_to_fine, the
+    latent-SDS NeRF in test_single_stage_ldm, a personalisation stage in tests/dreambooth/test_resume (DDP)."""
+
+    def run_stage_here(cmd: list[str], env: dict[str, str] | None = None):
+        from magic3d.child_process import ChildResult
+        from magic3d.cli import main
+
+        assert cmd[1:4] == ["-m", "magic3d", "stage"] and env is None, cmd
+        try:
+            code = main(cmd[3:])
+        except SystemExit as stop:  # a stage that stopped (signal, unfinished) exits this way
+            code = stop.code if isinstance(stop.code, int) else 1
+        return ChildResult(code, None)
+
+    patch.setattr("magic3d.recipe.run_child", run_stage_here)
+    for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # the stages' seed_everything sets them: not after
+        patch.setenv(key, "0")
+
+
 SMOKE_OVERRIDES = (
     "trainer.max_steps=6",
     "data.steps_per_epoch=3",
@@ -238,25 +262,10 @@ def tiny_ablation(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline:
             signal.raise_signal(signal.SIGINT)  # the ablation's handler turns it into a stop
         return run_dir
 
-    def stage_in_this_process(cmd: list[str], env: dict[str, str] | None = None):
-        """The recipe runner's ``python -m magic3d stage ...`` as ``magic3d.cli.main`` in this
-        process: the ablation runner is under test, not the stage as a process of its own (every
-        recipe test runs that); a fresh interpreter spent ~4 s of each stage importing Lightning."""
-        from magic3d.child_process import ChildResult
-        from magic3d.cli import main
-
-        assert cmd[1:4] == ["-m", "magic3d", "stage"] and env is None, cmd
-        try:
-            code = main(cmd[3:])
-        except SystemExit as stop:  # a stage that stopped (signal, unfinished) exits this way
-            code = stop.code if isinstance(stop.code, int) else 1
-        return ChildResult(code, None)
-
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MAGIC3D_CACHE", str(tmp_path_factory.mktemp("ablation_cache")))
-        patch.setattr("magic3d.recipe.run_child", stage_in_this_process)
-        for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # the stages' seed_everything sets them: not after
-            patch.setenv(key, "0")
+        # The ablation runner is under test, not the stage as a process (the recipe tests run that).
+        stages_in_this_process(patch)
         first = run_ablation(spec, root=root, classifier=random_classifier, device="cpu",
                              train=interrupt_after_second_run, n_resamples=500)
         folder = root / "tiny"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, run_in_process, run_main
+from conftest import run_cli, run_in_process, run_main, stages_in_this_process
 from magic3d.config import ConfigError, load_yaml
 from magic3d.recipe import RunSettings, resolve_settings
 
@@ -42,10 +42,13 @@ def priors(pixel: Path, latent: Path) -> list[str]:
 def dreambooth_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Path, tiny_latent_pipeline: Path,
                    pink_duck: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("dreambooth") / "sks-duck"
-    # In-process (each stage is still a process of its own); the command-line path of the recipe
-    # is test_a_missing_subject_through_the_cli_is_one_line_and_leaves_nothing.
-    result = run_in_process("run", "dreambooth", "--prompt", "a sks duck", "--subject", str(pink_duck), "--run", str(run_dir),
-                     "--profile", "cpu", *priors(tiny_pixel_pipeline, tiny_latent_pipeline), *FEW_STEPS)
+    # In-process, stages too (conftest stages_in_this_process): the wiring of the stages is under
+    # test; the command-line path of the recipe is test_a_missing_subject_through_the_cli_is_one_line_and_leaves_nothing.
+    with pytest.MonkeyPatch.context() as patch:
+        stages_in_this_process(patch)
+        result = run_in_process("run", "dreambooth", "--prompt", "a sks duck", "--subject", str(pink_duck),
+                                "--run", str(run_dir), "--profile", "cpu",
+                                *priors(tiny_pixel_pipeline, tiny_latent_pipeline), *FEW_STEPS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, run_in_process, run_main
+from conftest import run_cli, run_in_process, run_main, stages_in_this_process
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +33,11 @@ def coarse(run_dir: Path, pipeline: Path, *extra: str, prompt: str | None = "a b
 def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Path) -> Path:
     """One finished coarse run (4 steps, checkpoints at 2 and 4); tests work on copies."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    # In-process: the faults below are met through the command line; this run is their material.
-    result = coarse(run_dir, tiny_pixel_pipeline, in_process=True)
+    # In-process, its stage too (conftest stages_in_this_process): the faults below are met through
+    # the command line and stage processes; this run is their material.
+    with pytest.MonkeyPatch.context() as patch:
+        stages_in_this_process(patch)
+        result = coarse(run_dir, tiny_pixel_pipeline, in_process=True)
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir
 
