@@ -140,8 +140,11 @@ def test_text_to_3d_of_the_subject_is_graded_as_its_toy_caption(dreambooth_run: 
 
 # --- class_prompts (branch class-prompts) ---
 def test_a_class_prompt_beside_the_recipes_class_prompts_stops_the_first_stage(
-        tmp_path: Path, pink_duck: Path, tiny_pixel_pipeline: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    # In-process runner, the stage a process (as test_a_prompt_without_the_identifier_stops_the_first_stage).
+        tmp_path: Path, pink_duck: Path, tiny_pixel_pipeline: Path, capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # In-process, its stage too: test_a_prompt_without_the_identifier_stops_the_first_stage has a
+    # personalisation stage's refusal in a stage process.
+    stages_in_this_process(monkeypatch)
     result = run_main(capfd, "run", "dreambooth", "--prompt", "a sks duck", "--subject", str(pink_duck),
                      "--run", str(tmp_path / "run"), f"personalise_pixel:model.prior.pretrained={tiny_pixel_pipeline}",
                      "personalise_pixel:model.class_prompt=a toy duck")

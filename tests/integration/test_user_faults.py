@@ -114,13 +114,15 @@ def test_out_of_range_values_get_one_line(tmp_path: Path, argument: tuple[str, .
 
 
 def test_an_error_before_the_first_step_leaves_no_folder_and_the_fix_reuses_it(
-        tmp_path: Path, tiny_pixel_pipeline: Path, capfd: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, tiny_pixel_pipeline: Path, capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = tmp_path / "run"
     missing = coarse(run_dir, tmp_path / "no_weights_here")  # the command line path of missing weights
     assert missing.returncode != 0
     assert "no_weights_here" in missing.stderr
     assert "checkpoints are kept" not in missing.stderr and "nothing of it was kept" in missing.stderr
     assert not run_dir.exists(), "nothing was trained, so nothing is left behind"
+    stages_in_this_process(monkeypatch)  # the failure above was the stage process's; the fix is the runner's
     fixed = coarse(run_dir, tiny_pixel_pipeline, capfd=capfd)  # the corrected command, same folder (in-process)
     assert fixed.returncode == 0, fixed.stderr[-2000:]
 
