@@ -145,7 +145,8 @@ def test_missing_weights_say_which_path(tmp_path: Path, capfd: pytest.CaptureFix
 
 
 def test_corrupt_checkpoint_is_reported_and_kept(tmp_path: Path, tiny_pixel_pipeline: Path,
-                                                 capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+                                                 capfd: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     # In-process, its stage too: test_user_faults' scribbled checkpoint is found by a stage process.
     stages_in_this_process(monkeypatch)
     run_dir = tmp_path / "r"

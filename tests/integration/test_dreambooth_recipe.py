@@ -43,7 +43,7 @@ def dreambooth_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline
                    pink_duck: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("dreambooth") / "sks-duck"
     # In-process, stages too (conftest stages_in_this_process): the wiring of the stages is under
-    # test; the command-line path of the recipe is test_a_missing_subject_through_the_cli_is_one_line_and_leaves_nothing.
+    # test; the recipe's command-line path is test_a_missing_subject_through_the_cli_is_one_line_and_leaves_nothing.
     with pytest.MonkeyPatch.context() as patch:
         stages_in_this_process(patch)
         result = run_in_process("run", "dreambooth", "--prompt", "a sks duck", "--subject", str(pink_duck),
