@@ -25,6 +25,15 @@ def tiny_pixel_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_pixel_pipeline(tmp_path_factory.mktemp("tiny_if"), "tiny", seed=0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache_for_shared_fixtures(tmp_path_factory: pytest.TempPathFactory):
+    """Session and module fixtures are set up before the per-test cache below is in place: they
+    get a cache of the session's own, not the user's ~/.cache/magic3d."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MAGIC3D_CACHE", str(tmp_path_factory.mktemp("session_cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _offline_and_isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test may reach the network or write to the user's ~/.cache."""
@@ -37,15 +46,17 @@ def _offline_and_isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         pass
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 600):
-    """Run ``python -m magic3d ...`` as a user would; returns the CompletedProcess."""
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd: Path | None = None):
+    """Run ``python -m magic3d ...`` as a user would; returns the CompletedProcess. ``env`` entries
+    are added to this process's environment; one whose value is None is removed from it."""
     import subprocess
     import sys
 
     full_env = dict(os.environ)
     full_env.update(env or {})
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run([sys.executable, "-m", "magic3d", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+                          env=full_env, timeout=timeout, cwd=cwd)
 
 
 def run_main(capfd: pytest.CaptureFixture[str], *args: str):
@@ -64,6 +75,65 @@ def run_main(capfd: pytest.CaptureFixture[str], *args: str):
     return subprocess.CompletedProcess(["magic3d", *args], code, out, err)
 
 
+def run_in_process(*args: str):
+    """:func:`run_main` for a module or session fixture, which cannot take ``capfd``: file
+    descriptors 1 and 2 (where the stage processes write) and ``sys.stdout``/``sys.stderr`` go
+    to files for the command's duration. For a fixture that needs a finished run of a recipe,
+    not the command line: the smoke run (and each command's error paths) keep that."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from magic3d.cli import main
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        saved_fds, saved_streams = (os.dup(1), os.dup(2)), (sys.stdout, sys.stderr)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = (open(fd, "w", encoding="utf-8", errors="replace", buffering=1, closefd=False)
+                                  for fd in (1, 2))
+        try:
+            code = main(list(args))
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.stdout, sys.stderr = saved_streams
+            for fd, saved in zip((1, 2), saved_fds):
+                os.dup2(saved, fd)
+                os.close(saved)
+        text = []
+        for handle in (out, err):
+            handle.seek(0)
+            text.append(handle.read().decode("utf-8", errors="replace"))
+    return subprocess.CompletedProcess(["magic3d", *args], code, *text)
+
+
+def stages_in_this_process(patch: pytest.MonkeyPatch) -> None:
+    """Make the recipe runner run each stage (``python -m magic3d stage ...``) as
+    ``magic3d.cli.main`` in this process, until ``patch`` is undone. For tests of what a run
+    folder holds, not of the stage as a process of its own: a fresh interpreter spends ~4 s of
+    each stage importing Lightning. Each kind of stage still runs as a process in some test:
+    the coarse NeRF in the smoke run (conftest), the DMTet fine stage in test_coarse_to_fine, the
+    latent-SDS NeRF in test_single_stage_ldm, a personalisation stage in tests/dreambooth/test_resume (DDP)."""
+
+    def run_stage_here(cmd: list[str], env: dict[str, str] | None = None):
+        from magic3d.child_process import ChildResult
+        from magic3d.cli import main
+
+        assert cmd[1:4] == ["-m", "magic3d", "stage"] and env is None, cmd
+        try:
+            code = main(cmd[3:])
+        except SystemExit as stop:  # a stage that stopped (signal, unfinished) exits this way
+            code = stop.code if isinstance(stop.code, int) else 1
+        return ChildResult(code, None)
+
+    patch.setattr("magic3d.recipe.run_child", run_stage_here)
+    for key in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # the stages' seed_everything sets them: not after
+        patch.setenv(key, "0")
+
+
 SMOKE_OVERRIDES = (
     "trainer.max_steps=6",
     "data.steps_per_epoch=3",
@@ -74,18 +144,34 @@ SMOKE_OVERRIDES = (
 )
 
 
+@dataclass
+class SmokeRun:
+    folder: Path  # the run folder
+    output: list[str]  # what the command printed (stdout, then stderr), line by line
+
+
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Path) -> Path:
-    """One finished CPU run of the coarse recipe (tiny random prior), shared by several tests."""
+def smoke_cli(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Path) -> SmokeRun:
+    """One finished CPU run of the coarse recipe (tiny random prior) through the command line,
+    with W&B offline as a user gets it: no WANDB_* variable set (the suite's WANDB_MODE=disabled
+    removed, no WANDB_SILENT), so that test_quiet can check its output for library banners; only
+    wandb's own folders are moved into the test's. Shared by several tests."""
     root = tmp_path_factory.mktemp("runs")
     run_dir = root / "smoke"
-    cache = tmp_path_factory.mktemp("embedding_cache")
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("WANDB_")}
+    env.update(MAGIC3D_CACHE=str(tmp_path_factory.mktemp("embedding_cache")), HF_HUB_OFFLINE="1",
+               **{key: str(root / key.lower()) for key in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")})
     result = run_cli("run", "coarse_only", "--prompt", "a red cube", "--run", str(run_dir),
                      f"model.guidance.pretrained={tiny_pixel_pipeline}", "run.wandb=offline",
-                     *SMOKE_OVERRIDES,
-                     env={"WANDB_MODE": "offline", "MAGIC3D_CACHE": str(cache), "WANDB_SILENT": "true"})
+                     *SMOKE_OVERRIDES, env=env, cwd=root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return run_dir
+    return SmokeRun(run_dir, (result.stdout + result.stderr).splitlines())
+
+
+@pytest.fixture(scope="session")
+def smoke_run(smoke_cli: SmokeRun) -> Path:
+    """The smoke run's folder."""
+    return smoke_cli.folder
 
 
 @pytest.fixture(scope="session")
@@ -178,6 +264,8 @@ def tiny_ablation(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MAGIC3D_CACHE", str(tmp_path_factory.mktemp("ablation_cache")))
+        # The ablation runner is under test, not the stage as a process (the recipe tests run that).
+        stages_in_this_process(patch)
         first = run_ablation(spec, root=root, classifier=random_classifier, device="cpu",
                              train=interrupt_after_second_run, n_resamples=500)
         folder = root / "tiny"

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import SMOKE_OVERRIDES, run_cli, run_main
+from conftest import SMOKE_OVERRIDES, run_cli, run_main, stages_in_this_process
 from magic3d.config import recipes_dir
 from magic3d.recipe import available_recipes, compose_stage, load_recipe
 from magic3d.stage import validate_stage_config
@@ -72,7 +72,8 @@ def test_finished_stage_is_not_redone(smoke_run: Path, tiny_pixel_pipeline: Path
 
 
 def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path, tiny_pixel_pipeline: Path,
-                                                     capfd: pytest.CaptureFixture[str]) -> None:
+                                                     capfd: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = tmp_path / "run"
     args = ["run", "coarse_only", "--prompt", "a blue torus", "--run", str(run_dir),
             # 20 steps: the Ctrl-C, sent ~0.5 s after step 2's checkpoint, lands well before the end.
@@ -98,7 +99,10 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path: Path, tiny_pixel
     periodic = max(torch.load(p, weights_only=True)["global_step"] for p in checkpoints.glob("step*.ckpt"))
     assert interrupted_at >= periodic  # saved at the interrupt, not only at the last periodic save
 
-    result = run_main(capfd, *args)  # the same command again, in-process (its stage is a process)
+    # The same command again, in-process, its stage too: the stop above was the processes' (the
+    # resume of a stage process: test_user_faults' scribbled checkpoint).
+    stages_in_this_process(monkeypatch)
+    result = run_main(capfd, *args)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "resuming from" in result.stdout
     done = json.loads((run_dir / "coarse" / "DONE.json").read_text())
@@ -128,8 +132,10 @@ def test_mistyped_key_is_named(tmp_path: Path, capfd: pytest.CaptureFixture[str]
     assert not (tmp_path / "r").exists(), "nothing may be created for an invalid config"
 
 
-def test_missing_weights_say_which_path(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    # In-process runner (its stage is still a process of its own); test_user_faults has the CLI path.
+def test_missing_weights_say_which_path(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # In-process, its stage too; test_user_faults has the CLI path (runner and stage processes).
+    stages_in_this_process(monkeypatch)
     missing = tmp_path / "no_prior_here"
     result = run_main(capfd, "run", "coarse_only", "--run", str(tmp_path / "r"),
                       f"model.guidance.pretrained={missing}", "trainer.max_steps=2")
@@ -139,7 +145,10 @@ def test_missing_weights_say_which_path(tmp_path: Path, capfd: pytest.CaptureFix
 
 
 def test_corrupt_checkpoint_is_reported_and_kept(tmp_path: Path, tiny_pixel_pipeline: Path,
-                                                 capfd: pytest.CaptureFixture[str]) -> None:
+                                                 capfd: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # In-process, its stage too: test_user_faults' scribbled checkpoint is found by a stage process.
+    stages_in_this_process(monkeypatch)
     run_dir = tmp_path / "r"
     ckpt = run_dir / "coarse" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)

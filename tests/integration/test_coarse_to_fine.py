@@ -9,16 +9,18 @@ from pathlib import Path
 import pytest
 import trimesh
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 
 pytestmark = pytest.mark.slow
 
 
-def test_coarse_to_fine_runs_and_exports(tmp_path: Path, tiny_pixel_pipeline: Path,
-                                         tiny_latent_pipeline: Path) -> None:
+def test_coarse_to_fine_runs_and_exports(tmp_path: Path, tiny_pixel_pipeline: Path, tiny_latent_pipeline: Path,
+                                         capfd: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "c2f"
-    result = run_cli(
-        "run", "coarse_to_fine", "--run", str(run_dir),
+    # The run in-process (its stages are processes of their own; the smoke run is the command
+    # line's), the export through the command line (test_user_faults exports in-process).
+    result = run_main(
+        capfd, "run", "coarse_to_fine", "--run", str(run_dir),
         f"coarse:model.guidance.pretrained={tiny_pixel_pipeline}",
         f"fine:model.guidance.pretrained={tiny_latent_pipeline}",
         # A dense blob, so the 4-step coarse stage already holds an opaque object to convert.

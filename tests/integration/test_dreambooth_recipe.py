@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, run_main
+from conftest import run_cli, run_in_process, run_main, stages_in_this_process
 from magic3d.config import ConfigError, load_yaml
 from magic3d.recipe import RunSettings, resolve_settings
 
@@ -42,8 +42,13 @@ def priors(pixel: Path, latent: Path) -> list[str]:
 def dreambooth_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Path, tiny_latent_pipeline: Path,
                    pink_duck: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("dreambooth") / "sks-duck"
-    result = run_cli("run", "dreambooth", "--prompt", "a sks duck", "--subject", str(pink_duck), "--run", str(run_dir),
-                     "--profile", "cpu", *priors(tiny_pixel_pipeline, tiny_latent_pipeline), *FEW_STEPS)
+    # In-process, stages too (conftest stages_in_this_process): the wiring of the stages is under
+    # test; the recipe's command-line path is test_a_missing_subject_through_the_cli_is_one_line_and_leaves_nothing.
+    with pytest.MonkeyPatch.context() as patch:
+        stages_in_this_process(patch)
+        result = run_in_process("run", "dreambooth", "--prompt", "a sks duck", "--subject", str(pink_duck),
+                                "--run", str(run_dir), "--profile", "cpu",
+                                *priors(tiny_pixel_pipeline, tiny_latent_pipeline), *FEW_STEPS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
 
@@ -134,9 +139,13 @@ def test_text_to_3d_of_the_subject_is_graded_as_its_toy_caption(dreambooth_run: 
 
 
 # --- class_prompts (branch class-prompts) ---
-def test_a_class_prompt_beside_the_recipes_class_prompts_stops_the_first_stage(tmp_path: Path, pink_duck: Path,
-                                                                               tiny_pixel_pipeline: Path) -> None:
-    result = run_cli("run", "dreambooth", "--prompt", "a sks duck", "--subject", str(pink_duck),
+def test_a_class_prompt_beside_the_recipes_class_prompts_stops_the_first_stage(
+        tmp_path: Path, pink_duck: Path, tiny_pixel_pipeline: Path, capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # In-process, its stage too: test_a_prompt_without_the_identifier_stops_the_first_stage has a
+    # personalisation stage's refusal in a stage process.
+    stages_in_this_process(monkeypatch)
+    result = run_main(capfd, "run", "dreambooth", "--prompt", "a sks duck", "--subject", str(pink_duck),
                      "--run", str(tmp_path / "run"), f"personalise_pixel:model.prior.pretrained={tiny_pixel_pipeline}",
                      "personalise_pixel:model.class_prompt=a toy duck")
     assert result.returncode == 2

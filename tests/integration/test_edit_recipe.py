@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, run_main
+from conftest import run_cli, run_in_process, run_main, stages_in_this_process
 from magic3d.checkpoints import load_scene
 from magic3d.config import ConfigError, load_yaml
 from magic3d.eval.__main__ import main as eval_main
@@ -38,8 +38,12 @@ def priors(pixel: Path, latent: Path, *nerf_stages: str) -> list[str]:
 @pytest.fixture(scope="module")
 def edit_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Path, tiny_latent_pipeline: Path) -> Path:
     run_dir = tmp_path_factory.mktemp("edit") / "red-to-blue"
-    result = run_cli("run", "edit", "--prompt", "a red cube", "--edit", "a blue cube", "--run", str(run_dir),
-                     *priors(tiny_pixel_pipeline, tiny_latent_pipeline, "coarse", "edit"), *FEW_STEPS)
+    # In-process, stages too (conftest stages_in_this_process): the recipe's stages and prompts are
+    # under test; the command-line path of an edit is test_base_run_without_coarse_through_the_cli.
+    with pytest.MonkeyPatch.context() as patch:
+        stages_in_this_process(patch)
+        result = run_in_process("run", "edit", "--prompt", "a red cube", "--edit", "a blue cube", "--run", str(run_dir),
+                                *priors(tiny_pixel_pipeline, tiny_latent_pipeline, "coarse", "edit"), *FEW_STEPS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run_dir
 
@@ -48,8 +52,10 @@ def edit_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Path
 def run_from_base(edit_run: Path, tiny_pixel_pipeline: Path, tiny_latent_pipeline: Path) -> Path:
     """A second edit of the first run's coarse stage, started with base=RUN (no prompt given)."""
     run_dir = edit_run.parent / "from-base"
-    result = run_cli("run", "edit", "--base", str(edit_run), "--edit", "a blue cube", "--run", str(run_dir),
-                     *priors(tiny_pixel_pipeline, tiny_latent_pipeline, "edit"), *FEW_STEPS)
+    with pytest.MonkeyPatch.context() as patch:  # in-process, stages too (as edit_run)
+        stages_in_this_process(patch)
+        result = run_in_process("run", "edit", "--base", str(edit_run), "--edit", "a blue cube", "--run", str(run_dir),
+                                *priors(tiny_pixel_pipeline, tiny_latent_pipeline, "edit"), *FEW_STEPS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "stage coarse: taken from the base run" in result.stdout
     return run_dir

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_main, stages_in_this_process
 from magic3d.checkpoints import load_scene
 from magic3d.config import load_yaml
 from magic3d.scenes.hash_nerf import HashGridNeRF
@@ -23,9 +23,14 @@ FEW_STEPS = ("trainer.max_steps=3", "data.steps_per_epoch=3", "run.checkpoint_ev
 
 
 def test_coarse_to_fine_nerf_warm_starts_and_fine_tunes(tmp_path: Path, tiny_pixel_pipeline: Path,
-                                                        tiny_latent_pipeline: Path) -> None:
+                                                        tiny_latent_pipeline: Path, capfd: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = tmp_path / "nerf"
-    result = run_cli("run", "coarse_to_fine_nerf", "--prompt", "a red cube", "--run", str(run_dir),
+    # In-process, stages too (conftest stages_in_this_process): the warm start between the stages
+    # is under test; the smoke run is the command line's, test_single_stage_ldm's the latent-SDS
+    # NeRF stage as a process.
+    stages_in_this_process(monkeypatch)
+    result = run_main(capfd, "run", "coarse_to_fine_nerf", "--prompt", "a red cube", "--run", str(run_dir),
                      f"coarse:model.guidance.pretrained={tiny_pixel_pipeline}",
                      f"fine:model.guidance.pretrained={tiny_latent_pipeline}", *FEW_STEPS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_main
 from magic3d.checkpoints import load_scene
 from magic3d.config import load_yaml
 from magic3d.scenes.hash_nerf import HashGridNeRF
@@ -16,10 +16,12 @@ from magic3d.scenes.hash_nerf import HashGridNeRF
 pytestmark = pytest.mark.slow
 
 
-def test_single_stage_ldm_trains_a_nerf_from_scratch_with_latent_sds(tmp_path: Path,
-                                                                      tiny_latent_pipeline: Path) -> None:
+def test_single_stage_ldm_trains_a_nerf_from_scratch_with_latent_sds(
+        tmp_path: Path, tiny_latent_pipeline: Path, capfd: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "single"
-    result = run_cli("run", "single_stage_ldm", "--prompt", "a blue torus", "--run", str(run_dir),
+    # In-process (its stage is a process of its own): the recipe is under test; the smoke run
+    # (conftest) is the command line's.
+    result = run_main(capfd, "run", "single_stage_ldm", "--prompt", "a blue torus", "--run", str(run_dir),
                      f"model.guidance.pretrained={tiny_latent_pipeline}", "trainer.max_steps=2",
                      "data.steps_per_epoch=2", "run.checkpoint_every=2", "run.video_views=2",
                      "model.preview_every=0", "trainer.log_every_n_steps=1",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, run_main
+from conftest import run_cli, run_in_process, run_main, stages_in_this_process
 
 pytestmark = pytest.mark.slow
 
@@ -17,20 +17,27 @@ FAST = ("trainer.max_steps=4", "data.steps_per_epoch=4", "run.checkpoint_every=2
 
 
 def coarse(run_dir: Path, pipeline: Path, *extra: str, prompt: str | None = "a blue torus",
-           capfd: pytest.CaptureFixture[str] | None = None):
-    """The coarse recipe through the command line; with ``capfd``, the same command in-process."""
+           capfd: pytest.CaptureFixture[str] | None = None, in_process: bool = False):
+    """The coarse recipe through the command line; with ``capfd`` or ``in_process``, the same
+    command in-process (its stage still a process of its own)."""
     args = ["run", "coarse_only", "--run", str(run_dir)]
     if prompt is not None:
         args += ["--prompt", prompt]
     args += [f"model.guidance.pretrained={pipeline}", *FAST, *extra]
-    return run_cli(*args) if capfd is None else run_main(capfd, *args)
+    if capfd is not None:
+        return run_main(capfd, *args)
+    return run_in_process(*args) if in_process else run_cli(*args)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_pixel_pipeline: Path) -> Path:
     """One finished coarse run (4 steps, checkpoints at 2 and 4); tests work on copies."""
     run_dir = tmp_path_factory.mktemp("finished") / "run"
-    result = coarse(run_dir, tiny_pixel_pipeline)
+    # In-process, its stage too (conftest stages_in_this_process): the faults below are met through
+    # the command line and stage processes; this run is their material.
+    with pytest.MonkeyPatch.context() as patch:
+        stages_in_this_process(patch)
+        result = coarse(run_dir, tiny_pixel_pipeline, in_process=True)
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir
 
@@ -107,13 +114,15 @@ def test_out_of_range_values_get_one_line(tmp_path: Path, argument: tuple[str, .
 
 
 def test_an_error_before_the_first_step_leaves_no_folder_and_the_fix_reuses_it(
-        tmp_path: Path, tiny_pixel_pipeline: Path, capfd: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, tiny_pixel_pipeline: Path, capfd: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = tmp_path / "run"
     missing = coarse(run_dir, tmp_path / "no_weights_here")  # the command line path of missing weights
     assert missing.returncode != 0
     assert "no_weights_here" in missing.stderr
     assert "checkpoints are kept" not in missing.stderr and "nothing of it was kept" in missing.stderr
     assert not run_dir.exists(), "nothing was trained, so nothing is left behind"
+    stages_in_this_process(monkeypatch)  # the failure above was the stage process's; the fix is the runner's
     fixed = coarse(run_dir, tiny_pixel_pipeline, capfd=capfd)  # the corrected command, same folder (in-process)
     assert fixed.returncode == 0, fixed.stderr[-2000:]
 
