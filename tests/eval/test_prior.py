@@ -11,6 +11,18 @@ from magic3d.eval.prior import evaluate_prior
 from magic3d.eval.prior_report import write_prior_report
 
 
+def prior_with_card(pipeline: Path, tmp_path: Path) -> Path:
+    """A copy of ``pipeline`` with a model card whose Quality section waits for the evaluator."""
+    import shutil
+
+    from magic3d.priors.card import EVALUATOR_MARKER
+
+    folder = tmp_path / "prior"
+    shutil.copytree(pipeline, folder)
+    (folder / "README.md").write_text(f"# card\n\n## Quality\n\n{EVALUATOR_MARKER}\nTo be filled.\n\n## End\n")
+    return folder
+
+
 def test_evaluate_prior_mechanics_on_the_tiny_pipeline(
     tiny_pixel_pipeline: Path, smoke_classifier: Path, tmp_path: Path
 ) -> None:
@@ -29,14 +41,9 @@ def test_evaluate_prior_mechanics_on_the_tiny_pipeline(
 def test_prior_command_writes_its_figures_into_the_model_card(
     tiny_pixel_pipeline: Path, smoke_classifier: Path, tmp_path: Path
 ) -> None:
-    import shutil
-
     from magic3d.eval.__main__ import main
-    from magic3d.priors.card import EVALUATOR_MARKER
 
-    folder = tmp_path / "prior"
-    shutil.copytree(tiny_pixel_pipeline, folder)
-    (folder / "README.md").write_text(f"# card\n\n## Quality\n\n{EVALUATOR_MARKER}\nTo be filled.\n\n## End\n")
+    folder = prior_with_card(tiny_pixel_pipeline, tmp_path)
     argv = ["prior", str(folder), "--n-per-caption", "1", "--steps", "2", "--shapes", "cube", "--colours", "red",
             "--classifier", str(smoke_classifier), "--device", "cpu", "--update-card"]
     assert main(argv) == 0
@@ -72,14 +79,9 @@ def test_held_out_pairs_are_reported_apart(tiny_pixel_pipeline: Path, smoke_clas
 def test_guidance_sweep_grades_each_scale_once_and_reaches_the_card(
     tiny_pixel_pipeline: Path, smoke_classifier: Path, tmp_path: Path
 ) -> None:
-    import shutil
-
     from magic3d.eval.__main__ import main
-    from magic3d.priors.card import EVALUATOR_MARKER
 
-    folder = tmp_path / "prior"
-    shutil.copytree(tiny_pixel_pipeline, folder)
-    (folder / "README.md").write_text(f"# card\n\n## Quality\n\n{EVALUATOR_MARKER}\nTo be filled.\n\n## End\n")
+    folder = prior_with_card(tiny_pixel_pipeline, tmp_path)
     # 5 is the main scale and appears again in the sweep: graded once, not twice
     argv = ["prior", str(folder), "--n-per-caption", "1", "--steps", "2", "--shapes", "cube", "--colours", "red",
             "--classifier", str(smoke_classifier), "--device", "cpu", "--update-card", "--sweep-guidance", "5", "1"]
